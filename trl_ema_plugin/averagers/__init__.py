@@ -1,0 +1,20 @@
+"""Averager math: EMA, BEMA, DEMA, OUEMA over lists of fp32 tensors. No trainer, no nn.Module."""
+
+from .base import Averager
+from .bema import BEMA
+from .dema import DEMA
+from .ema import EMA
+from .ouema import OUEMA
+from .registry import ENTRY_POINT_GROUP, averager_class, register_averager, registered_methods
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Averager",
+    "BEMA",
+    "DEMA",
+    "EMA",
+    "OUEMA",
+    "averager_class",
+    "register_averager",
+    "registered_methods",
+]

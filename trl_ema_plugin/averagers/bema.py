@@ -1,0 +1,88 @@
+"""BEMA: bias-corrected exponential moving average (Block & Zhang, arXiv 2508.00180)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Averager, copy_all
+from .registry import register_averager
+from .schedules import bias_correction, ema_step_size
+
+
+@register_averager("bema")
+class BEMA(Averager):
+    r"""θ̂_t = α_t · (θ_t − θ_0) + EMA_t,   EMA_t = (1 − β_t) · EMA_{t−1} + β_t · θ_t
+
+    with β_t = max((ρ + γ·t)^(−κ), β_min) and α_t = (ρ + γ·t)^(−η) (see :mod:`.schedules`),
+    t the absolute optimizer step, θ_0 = EMA = θ at t = τ (``update_after``). This is the
+    paper's estimator and exactly what ``trl.BEMACallback`` computes; hyper-parameter names
+    are TRL's: ``ema_power`` κ, ``bias_power`` η, ``lag`` ρ, ``multiplier`` γ,
+    ``min_ema_multiplier`` β_min.
+
+    Memory: two fp32 copies (θ_0, EMA). The output needs θ at the last update step; when
+    updates are sparser than steps (``keep_last_weights``), a third copy keeps it, because
+    θ̂ between updates must not mix the EMA of step t with the weights of a later step.
+    """
+
+    buffer_names = ("theta0", "ema", "theta_last")
+
+    def __init__(
+        self,
+        ema_power: float = 0.5,
+        bias_power: float = 0.2,
+        lag: float = 10,
+        multiplier: float = 1.0,
+        min_ema_multiplier: float = 0.0,
+        keep_last_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.ema_power = ema_power
+        self.bias_power = bias_power
+        self.lag = lag
+        self.multiplier = multiplier
+        self.min_ema_multiplier = min_ema_multiplier
+        self.keep_last_weights = keep_last_weights
+
+    def active_buffer_names(self) -> tuple[str, ...]:
+        return self.buffer_names if self.keep_last_weights else ("theta0", "ema")
+
+    def beta(self, t: int) -> float:
+        return ema_step_size(t, self.lag, self.multiplier, self.ema_power, self.min_ema_multiplier)
+
+    def alpha(self, t: int) -> float:
+        return bias_correction(t, self.lag, self.multiplier, self.bias_power)
+
+    def _remember(self, theta: list[Tensor]) -> None:
+        if self.keep_last_weights:
+            copy_all(self.views("theta_last"), theta)
+
+    def _start(self, theta: list[Tensor], t: int) -> None:
+        copy_all(self.views("theta0"), theta)
+        copy_all(self.views("ema"), theta)
+        self._remember(theta)
+
+    def _update(self, theta: list[Tensor], t: int) -> None:
+        torch._foreach_lerp_(self.views("ema"), theta, self.beta(t))
+        self._remember(theta)
+
+    def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:
+        at_update = self.last_update_step
+        assert at_update is not None
+        if at_update != t:
+            if not self.keep_last_weights:
+                raise RuntimeError(
+                    f"BEMA needs θ from its last update (step {at_update}) at step {t}; "
+                    "build it with keep_last_weights=True when update_every > 1"
+                )
+            theta = self.views("theta_last")
+        alpha = self.alpha(at_update)
+        # out = EMA + α (θ − θ0)
+        torch._foreach_sub_(copy_into(out, theta), self.views("theta0"))
+        torch._foreach_mul_(out, alpha)
+        torch._foreach_add_(out, self.views("ema"))
+
+
+def copy_into(out: list[Tensor], src: list[Tensor]) -> list[Tensor]:
+    copy_all(out, src)
+    return out

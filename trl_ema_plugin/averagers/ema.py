@@ -1,0 +1,48 @@
+"""Exponential moving average with a fixed decay, or diffusers' warm-up."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Averager, copy_all
+from .registry import register_averager
+from .schedules import warmup_decay
+
+
+@register_averager("ema")
+class EMA(Averager):
+    r"""EMA_n = d_n · EMA_{n−1} + (1 − d_n) · θ_t, with EMA_0 = θ at ``update_after``.
+
+    d_n = ``decay`` by default. With ``use_ema_warmup`` the decay ramps up as in
+    diffusers' ``EMAModel``: d_n = min(decay, 1 − (1 + n/inv_gamma)^(−power)),
+    n = number of updates so far. Implemented as ``lerp_(EMA, θ, 1 − d_n)``.
+
+    Memory: one fp32 copy of the tracked weights.
+    """
+
+    buffer_names = ("ema",)
+
+    def __init__(
+        self, decay: float = 0.999, use_ema_warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3
+    ) -> None:
+        super().__init__()
+        self.decay = decay
+        self.use_ema_warmup = use_ema_warmup
+        self.inv_gamma = inv_gamma
+        self.power = power
+
+    def current_decay(self, n: int) -> float:
+        if self.use_ema_warmup:
+            return warmup_decay(n, self.decay, self.inv_gamma, self.power)
+        return self.decay
+
+    def _start(self, theta: list[Tensor], t: int) -> None:
+        copy_all(self.views("ema"), theta)
+
+    def _update(self, theta: list[Tensor], t: int) -> None:
+        weight = 1.0 - self.current_decay(self.num_updates)
+        torch._foreach_lerp_(self.views("ema"), theta, weight)
+
+    def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:
+        copy_all(out, self.views("ema"))

@@ -1,0 +1,62 @@
+"""Name → averager class. Third parties register more through the entry-point group
+``trl_ema_plugin.averagers`` (value ``module:Class``, a subclass of :class:`Averager`)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import Averager
+
+ENTRY_POINT_GROUP = "trl_ema_plugin.averagers"
+_REGISTRY: dict[str, type[Averager]] = {}
+_entry_points_loaded = False
+
+
+def register_averager(name: str) -> Callable[[type[Averager]], type[Averager]]:
+    """Class decorator: make ``name`` usable as ``method=name``."""
+
+    def decorate(cls: type[Averager]) -> type[Averager]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"averager method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.method = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        cls = ep.load()
+        register_averager(ep.name)(cls)
+
+
+def registered_methods() -> list[str]:
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def averager_class(method: str) -> type[Averager]:
+    _load_entry_points()
+    try:
+        return _REGISTRY[method]
+    except KeyError:
+        raise ValueError(
+            f"method={method!r} is not a registered averager; allowed values: {', '.join(registered_methods())}"
+        ) from None
+
+
+def hyperparameter_names(method: str) -> set[str]:
+    """Keyword arguments that ``method``'s constructor takes (its hyper-parameters)."""
+    params = inspect.signature(averager_class(method).__init__).parameters
+    return {n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD} - {"keep_last_weights"}

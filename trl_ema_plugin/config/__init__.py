@@ -1,0 +1,5 @@
+"""One validated configuration, used by the TRL callback, the loss hook, the DPO reference and Axolotl."""
+
+from .averaging import AveragerSpec, WeightAveragingConfig
+
+__all__ = ["AveragerSpec", "WeightAveragingConfig"]

@@ -1,0 +1,158 @@
+"""Validated settings of the weight averaging: one model for Python, TRL and Axolotl.
+
+``AveragerSpec`` describes one running average; ``WeightAveragingConfig`` a list of them
+(the first one is the *primary*: it goes to ``averaged/``, the others to ``averaged-<name>/``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..averagers.registry import averager_class, hyperparameter_names, registered_methods
+
+#: Defaults of every averager hyper-parameter. BEMA/DEMA/OUEMA take TRL's ``BEMACallback``
+#: defaults (``update_freq=400``), EMA updates every step.
+METHOD_DEFAULT_UPDATE_EVERY = {"ema": 1}
+TRL_DEFAULT_UPDATE_EVERY = 400
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class AveragerSpec(BaseModel):
+    """One running average of the trainable weights.
+
+    Cadence: ``start`` at step ``update_after`` (θ_0/EMA snapshot), then an update every
+    ``update_every`` optimizer steps (alias ``update_freq``, TRL's name).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    method: str = Field("ema", description="ema | bema | dema | ouema, or a registered third-party name")
+    name: str | None = Field(None, description="label in metrics and folders; defaults to the method")
+    update_every: int | None = Field(
+        None, ge=1, description="optimizer steps between updates (alias update_freq); ema: 1, others: 400 (TRL)"
+    )
+    update_after: int = Field(0, ge=0, description="step τ at which averaging starts (θ_0 snapshot)")
+    # EMA
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay d, in (0, 1)")
+    use_ema_warmup: bool = Field(False, description="EMA: ramp the decay up as diffusers' EMAModel")
+    inv_gamma: float = Field(1.0, gt=0.0, description="EMA warm-up: 1 − (1 + n/inv_gamma)^−power")
+    power: float = Field(2 / 3, gt=0.0, description="EMA warm-up power")
+    # BEMA, DEMA, OUEMA (TRL's BEMACallback names and defaults)
+    ema_power: float = Field(0.5, ge=0.0, description="κ in β_t = (ρ + γt)^−κ")
+    bias_power: float = Field(0.2, ge=0.0, description="η in α_t = (ρ + γt)^−η")
+    lag: float = Field(10, ge=0.0, description="ρ, the schedule's virtual starting age")
+    multiplier: float = Field(1.0, gt=0.0, description="γ, steps → schedule time")
+    min_ema_multiplier: float = Field(0.0, ge=0.0, le=1.0, description="floor β_min of β_t")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of a third-party averager")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _update_freq_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "update_freq" in data:
+            data = dict(data)
+            if data.get("update_every") is not None:
+                raise ValueError("pass either update_every or its alias update_freq, not both")
+            data["update_every"] = data.pop("update_freq")
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        averager_class(method)  # raises with the allowed values
+        return method
+
+    @field_validator("name")
+    @classmethod
+    def _clean_name(cls, name: str | None) -> str | None:
+        if name is not None and not _NAME_PATTERN.match(name):
+            raise ValueError(f"name={name!r} must match {_NAME_PATTERN.pattern} (it becomes a metric infix and a folder)")
+        return name
+
+    @model_validator(mode="after")
+    def _fields_apply_to_method(self) -> AveragerSpec:
+        applies = hyperparameter_names(self.method) | {"method", "name", "update_every", "update_after", "options"}
+        stray = sorted(f for f in self.model_fields_set - applies if f in type(self).model_fields)
+        if stray:
+            raise ValueError(
+                f"{', '.join(stray)} do(es) not apply to method={self.method!r}; "
+                f"its hyper-parameters are: {', '.join(sorted(hyperparameter_names(self.method)))}"
+            )
+        return self
+
+    # ------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+    @property
+    def cadence(self) -> int:
+        if self.update_every is not None:
+            return self.update_every
+        return METHOD_DEFAULT_UPDATE_EVERY.get(self.method, TRL_DEFAULT_UPDATE_EVERY)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        names = hyperparameter_names(self.method)
+        values = {n: getattr(self, n) for n in names if n in type(self).model_fields}
+        return {**values, **self.options}
+
+    def build(self):  # -> Averager
+        """Instantiate the averager this spec describes."""
+        cls = averager_class(self.method)
+        kwargs = self.hyperparameters()
+        if "keep_last_weights" in __import__("inspect").signature(cls.__init__).parameters:
+            kwargs["keep_last_weights"] = self.cadence > 1
+        return cls(**kwargs)
+
+    def first_update_step(self) -> int:
+        return self.update_after + self.cadence
+
+    def is_update_step(self, step: int) -> bool:
+        return step > self.update_after and (step - self.update_after) % self.cadence == 0
+
+
+class WeightAveragingConfig(BaseModel):
+    """Every averager of a run and how the integrations use them."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    averagers: list[AveragerSpec] = Field(min_length=1, description="the first is the primary averager")
+    eval: bool = Field(True, description="also evaluate each averager: eval_<name>_loss beside eval_loss")
+    offload: bool = Field(False, description="keep the shadow in CPU memory instead of the training device")
+    save_checkpoints: bool = Field(True, description="write averager state + adapter into every checkpoint")
+    export_at_end: bool = Field(True, description="write output_dir/averaged/ at train end")
+
+    @field_validator("averagers")
+    @classmethod
+    def _unique_names(cls, specs: list[AveragerSpec]) -> list[AveragerSpec]:
+        labels = [s.label for s in specs]
+        duplicated = sorted({x for x in labels if labels.count(x) > 1})
+        if duplicated:
+            raise ValueError(f"averager names must be unique; repeated: {', '.join(duplicated)} (set name=...)")
+        return specs
+
+    @classmethod
+    def from_kwargs(
+        cls, method: str | None = None, averagers: list[AveragerSpec | dict] | None = None, **kwargs: Any
+    ) -> WeightAveragingConfig:
+        """``method=..., decay=...`` (one averager) or ``averagers=[...]`` (several), plus top-level fields."""
+        top = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
+        if averagers is not None:
+            if method is not None or kwargs:
+                raise ValueError(
+                    "pass either averagers=[...] or method=... with its hyper-parameters, not both "
+                    f"(got method={method!r}, {sorted(kwargs)})"
+                )
+            return cls(averagers=averagers, **top)
+        spec = AveragerSpec(method=method or "ema", **kwargs)
+        return cls(averagers=[spec], **top)
+
+    @property
+    def primary(self) -> AveragerSpec:
+        return self.averagers[0]
+
+
+def allowed_methods_text() -> str:
+    return " | ".join(registered_methods())

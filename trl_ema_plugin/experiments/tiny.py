@@ -1,0 +1,69 @@
+"""A tiny Llama and a byte-level tokenizer built in code (no hub), for tests, demos and smoke runs."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 256 byte symbols + ``<pad>``, ``<s>``, ``</s>``; no merges."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=512
+    )
+    return tokenizer
+
+
+def tiny_llama(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, hidden_size: int = 64) -> LlamaForCausalLM:
+    """A 2-layer Llama (about 0.1 M parameters) with random weights, in fp32."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+_WORDS = "the a cat dog sat ran on under mat log quick brown fox jumps over lazy".split()
+
+
+def _sentence(rng: random.Random, length: int = 8) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(length))
+
+
+def tiny_sft_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    """``{"text": ...}`` rows of short pseudo-sentences."""
+    rng = random.Random(seed)
+    return Dataset.from_list([{"text": _sentence(rng)} for _ in range(n)])
+
+
+def tiny_dpo_dataset(n: int = 16, seed: int = 0) -> Dataset:
+    """``{"prompt", "chosen", "rejected"}`` rows: chosen repeats the prompt's last word, rejected does not."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = _sentence(rng, 5)
+        last = prompt.split()[-1]
+        rows.append({"prompt": prompt, "chosen": f" {last} {last}", "rejected": f" {rng.choice(_WORDS)} sat"})
+    return Dataset.from_list(rows)

@@ -1,0 +1,39 @@
+"""Write averaged weights in the format the model was trained in: a PEFT adapter, or a full model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
+
+
+def write_averaged_weights(model: nn.Module, averaged: dict[str, Tensor], folder: Path, adapter_name: str = "default") -> None:
+    """Save ``averaged`` (parameter name → full tensor) into ``folder``.
+
+    PeftModel: ``adapter_model.safetensors`` + ``adapter_config.json``, cast to the adapter's
+    dtype, as ``PeftModel.save_pretrained`` would write them. Otherwise the model's state dict
+    with the averaged tensors in place, through ``save_pretrained``.
+    """
+    if is_peft_model(model):
+        from peft import get_peft_model_state_dict
+
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        state = {n: t.to(dtype=dtypes.get(n, t.dtype)) for n, t in averaged.items()}
+        adapter_state = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter_name)
+        adapter_state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state.items()}
+        save_file(adapter_state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        model.peft_config[adapter_name].save_pretrained(str(folder))
+        return
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    for name, tensor in averaged.items():
+        state[name] = tensor.to(dtype=state[name].dtype, device="cpu") if name in state else tensor.cpu()
+    with torch.no_grad():
+        model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)

@@ -1,0 +1,1 @@
+"""Thin glue between the averaging core and the training frameworks (TRL, DeepSpeed, Axolotl)."""

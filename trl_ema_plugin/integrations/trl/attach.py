@@ -1,0 +1,47 @@
+"""``attach(trainer)``: the one explicit entry for features that need the trainer itself.
+
+Transformers callbacks never receive the trainer. ``attach`` hands it to every callback in
+``trainer.callback_handler`` that has an ``attach_to(trainer)`` method (weight averaging,
+self-distillation, the DPO reference), adding a :class:`WeightAveragingCallback` first when
+``averaging`` is given. It also records ``trainer.train(resume_from_checkpoint=...)`` so that
+a checkpoint outside ``output_dir`` is found on resume.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from .callback import WeightAveragingCallback
+
+
+def attach(trainer: Any, averaging: WeightAveragingCallback | None = None) -> Any:
+    """Connect our callbacks to ``trainer`` and return it."""
+    handler = trainer.callback_handler
+    if averaging is not None and averaging not in handler.callbacks:
+        trainer.add_callback(averaging)
+    attached = [cb for cb in handler.callbacks if hasattr(cb, "attach_to")]
+    if not attached:
+        raise ValueError(
+            "attach(trainer) found none of trl_ema_plugin's callbacks on the trainer; pass "
+            "callbacks=[WeightAveragingCallback(...)] to the trainer or attach(trainer, WeightAveragingCallback(...))"
+        )
+    for callback in attached:
+        callback.attach_to(trainer)
+    _record_resume_argument(trainer, attached)
+    return trainer
+
+
+def _record_resume_argument(trainer: Any, callbacks: list[Any]) -> None:
+    if getattr(trainer.train, "_trl_ema_plugin_wrapped", False):
+        return
+    original = trainer.train
+
+    @functools.wraps(original)
+    def train(*args: Any, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        for callback in callbacks:
+            callback.resume_from_checkpoint = resume_from_checkpoint
+        return original(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    train._trl_ema_plugin_wrapped = True  # type: ignore[attr-defined]
+    trainer.train = train

@@ -1,0 +1,58 @@
+"""Evaluate averaged weights: metric names and the trainer-free loss pass."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def eval_prefix(metrics: dict[str, Any]) -> str:
+    """The prefix of the evaluation that produced ``metrics``: ``eval`` or ``eval_<dataset>``."""
+    if "eval_loss" in metrics or not metrics:
+        return "eval"
+    losses = sorted((k for k in metrics if k.endswith("_loss")), key=len)
+    return losses[0][: -len("_loss")] if losses else "eval"
+
+
+def averaged_prefix(prefix: str, name: str) -> str:
+    """``eval`` + ``ema`` → ``eval_ema`` (so the loss is ``eval_ema_loss``)."""
+    return f"{prefix}_{name}"
+
+
+def _forward_keys(model: nn.Module) -> set[str] | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+@torch.no_grad()
+def mean_eval_loss(model: nn.Module, dataloader: Any) -> float:
+    """Batch-size-weighted mean of ``model(**batch).loss`` over ``dataloader``, as ``eval_loss`` is."""
+    keys = _forward_keys(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in dataloader:
+            inputs = {k: v for k, v in batch.items() if keys is None or k in keys}
+            if "labels" not in inputs:
+                raise ValueError(
+                    "averaged evaluation without the trainer needs batches with 'labels' (SFT-style); "
+                    "for DPO and other trainers call trl_ema_plugin.attach(trainer), or set eval=False"
+                )
+            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            loss = model(**inputs).loss
+            size = inputs["labels"].shape[0]
+            total += float(loss.detach().float()) * size
+            count += size
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation dataloader is empty")
+    return total / count
