@@ -15,7 +15,9 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
 
 
-def write_averaged_weights(model: nn.Module, averaged: dict[str, Tensor], folder: Path, adapter_name: str = "default") -> None:
+def write_averaged_weights(
+    model: nn.Module, averaged: dict[str, Tensor], folder: Path, adapter_name: str = "default"
+) -> None:
     """Save ``averaged`` (parameter name → full tensor) into ``folder``.
 
     PeftModel: ``adapter_model.safetensors`` + ``adapter_config.json``, cast to the adapter's

@@ -8,12 +8,12 @@ from .ouema import OUEMA
 from .registry import ENTRY_POINT_GROUP, averager_class, register_averager, registered_methods
 
 __all__ = [
-    "ENTRY_POINT_GROUP",
-    "Averager",
     "BEMA",
     "DEMA",
     "EMA",
+    "ENTRY_POINT_GROUP",
     "OUEMA",
+    "Averager",
     "averager_class",
     "register_averager",
     "registered_methods",

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -46,7 +47,9 @@ class AveragerSpec(BaseModel):
     lag: float = Field(10, ge=0.0, description="ρ, the schedule's virtual starting age")
     multiplier: float = Field(1.0, gt=0.0, description="γ, steps → schedule time")
     min_ema_multiplier: float = Field(0.0, ge=0.0, le=1.0, description="floor β_min of β_t")
-    options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of a third-party averager")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments of a third-party averager"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -68,7 +71,9 @@ class AveragerSpec(BaseModel):
     @classmethod
     def _clean_name(cls, name: str | None) -> str | None:
         if name is not None and not _NAME_PATTERN.match(name):
-            raise ValueError(f"name={name!r} must match {_NAME_PATTERN.pattern} (it becomes a metric infix and a folder)")
+            raise ValueError(
+                f"name={name!r} must match {_NAME_PATTERN.pattern} (it becomes a metric infix and a folder)"
+            )
         return name
 
     @model_validator(mode="after")
@@ -102,7 +107,7 @@ class AveragerSpec(BaseModel):
         """Instantiate the averager this spec describes."""
         cls = averager_class(self.method)
         kwargs = self.hyperparameters()
-        if "keep_last_weights" in __import__("inspect").signature(cls.__init__).parameters:
+        if "keep_last_weights" in inspect.signature(cls.__init__).parameters:
             kwargs["keep_last_weights"] = self.cadence > 1
         return cls(**kwargs)
 
@@ -137,7 +142,15 @@ class WeightAveragingConfig(BaseModel):
     def from_kwargs(
         cls, method: str | None = None, averagers: list[AveragerSpec | dict] | None = None, **kwargs: Any
     ) -> WeightAveragingConfig:
-        """``method=..., decay=...`` (one averager) or ``averagers=[...]`` (several), plus top-level fields."""
+        """``method=..., decay=...`` (one averager) or ``averagers=[...]`` (several), plus top-level fields.
+
+        ``device`` (TRL ``BEMACallback``'s argument) is accepted: ``"cpu"`` means ``offload=True``,
+        any other device keeps the shadow on the training device.
+        """
+        if "device" in kwargs:
+            if "offload" in kwargs:
+                raise ValueError("pass either offload or TRL's device argument, not both")
+            kwargs["offload"] = str(kwargs.pop("device")) == "cpu"
         top = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
         if averagers is not None:
             if method is not None or kwargs:

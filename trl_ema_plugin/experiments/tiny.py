@@ -25,7 +25,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, hidden_size: int = 64) -> LlamaForCausalLM:
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, hidden_size: int = 64
+) -> LlamaForCausalLM:
     """A 2-layer Llama (about 0.1 M parameters) with random weights, in fp32."""
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
@@ -45,7 +47,24 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, 
     return LlamaForCausalLM(config)
 
 
-_WORDS = "the a cat dog sat ran on under mat log quick brown fox jumps over lazy".split()
+_WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "log",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+]
 
 
 def _sentence(rng: random.Random, length: int = 8) -> str:

@@ -76,7 +76,9 @@ class AveragedWeights:
         with torch.no_grad():
             backup = [x.clone() for x in self.layout.local_tensors()]
             averaged = self.average_local(t)
-            self.layout.write_local([a.to(dtype=b.dtype, device=b.device) for a, b in zip(averaged, backup, strict=True)])
+            self.layout.write_local(
+                [a.to(dtype=b.dtype, device=b.device) for a, b in zip(averaged, backup, strict=True)]
+            )
             del averaged
         try:
             yield
@@ -102,7 +104,9 @@ class AveragedWeights:
     def state_metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "spec": self.spec.model_dump(mode="json", exclude_unset=False),
+            "spec": self.spec.model_dump(mode="json", exclude_unset=True),
+            "update_every": self.spec.cadence,
+            "hyperparameters": self.spec.hyperparameters(),
             "counters": self.averager.counters(),
             "parameters": {n: list(s) for n, s in zip(self.layout.names, self.layout.shapes, strict=True)},
         }

@@ -21,7 +21,7 @@ from ...export import write_averaged_weights
 from ...persistence import atomic_directory, averager_folder, read_state, write_state
 from ...shadow import AveragedWeights, trainable_parameters
 from ..parallel import build_layout
-from .evaluation import averaged_prefix, eval_prefix, mean_eval_loss
+from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
 from .resume import checkpoint_folder, find_resume_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,14 @@ class WeightAveragingCallback(TrainerCallback):
         device = torch.device("cpu") if self.config.offload else None
         self.weights = {spec.label: AveragedWeights(spec, layout, device) for spec in self.config.averagers}
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module = None,
+        **kwargs: Any,
+    ) -> None:
         self.setup(model, args)
         self._step = state.global_step
         self._warn_if_never_updated(state.max_steps)
@@ -115,7 +122,12 @@ class WeightAveragingCallback(TrainerCallback):
 
     # ------------------------------------------------------------ evaluation
     def on_evaluate(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: dict[str, float] | None = None, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
     ) -> None:
         if not self.config.eval or self._evaluating or not self.weights or metrics is None:
             return
@@ -128,10 +140,12 @@ class WeightAveragingCallback(TrainerCallback):
         finally:
             self._evaluating = False
 
-    def _evaluate_one(self, weights: AveragedWeights, prefix: str, dataloader: Any, state: TrainerState) -> dict[str, float]:
+    def _evaluate_one(
+        self, weights: AveragedWeights, prefix: str, dataloader: Any, state: TrainerState
+    ) -> dict[str, float]:
         with weights.swapped_in(self._step):
             if self.trainer is not None and prefix == averaged_prefix("eval", weights.name):
-                return self.trainer.evaluate(metric_key_prefix=prefix)
+                return evaluate_with_trainer(self.trainer, prefix)
             if dataloader is None:
                 raise ValueError("averaged evaluation got no eval_dataloader; call trl_ema_plugin.attach(trainer)")
             loss = mean_eval_loss(self.model, dataloader)
@@ -144,7 +158,9 @@ class WeightAveragingCallback(TrainerCallback):
         if self.config.save_checkpoints and self.weights:
             self.save(checkpoint_folder(args, state.global_step), state.global_step, state.is_world_process_zero)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.config.export_at_end and self.weights:
             self.save(args.output_dir, state.global_step, state.is_world_process_zero)
 

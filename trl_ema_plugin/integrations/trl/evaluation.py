@@ -56,3 +56,24 @@ def mean_eval_loss(model: nn.Module, dataloader: Any) -> float:
     if count == 0:
         raise ValueError("the evaluation dataloader is empty")
     return total / count
+
+
+@torch.no_grad()
+def evaluate_with_trainer(trainer: Any, prefix: str) -> dict[str, float]:
+    """Every metric of ``trainer``'s own evaluation loop, named ``<prefix>_<metric>``, and logged.
+
+    Runs ``trainer.evaluation_loop`` rather than ``trainer.evaluate`` so that other callbacks do not
+    receive a second ``on_evaluate`` (early stopping would see metrics without ``eval_loss``). TRL
+    trainers accumulate extra metrics in ``trainer._metrics["eval"]``; they get the same prefix.
+    """
+    dataloader = trainer.get_eval_dataloader()
+    output = trainer.evaluation_loop(dataloader, description=f"Evaluation of {prefix}", metric_key_prefix=prefix)
+    metrics = dict(output.metrics)
+    extra = getattr(trainer, "_metrics", None)
+    if isinstance(extra, dict) and extra.get("eval"):
+        for key, values in extra["eval"].items():
+            if values:
+                metrics[f"{prefix}_{key}"] = float(sum(values) / len(values))
+        extra["eval"].clear()
+    trainer.log(metrics)
+    return metrics
