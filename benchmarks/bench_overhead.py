@@ -73,12 +73,25 @@ def run(variant: str, peft: bool, hidden: int, steps: int) -> tuple[list[float],
     timer, callback = StepTimer(), make_callback(variant)
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[],
-            use_cpu=True, bf16=False, max_length=128, save_strategy="no", disable_tqdm=True, logging_steps=1000,
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            max_length=128,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_steps=1000,
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=tiny_sft_dataset(256), processing_class=tokenizer,
-            peft_config=lora_config() if peft else None, callbacks=[timer] + ([callback] if callback else []),
+            model=model,
+            args=args,
+            train_dataset=tiny_sft_dataset(256),
+            processing_class=tokenizer,
+            peft_config=lora_config() if peft else None,
+            callbacks=[timer] + ([callback] if callback else []),
         )
         trainer.train()
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -96,7 +109,9 @@ def main() -> None:
         "full fine-tuning": (False, ["none", "ours-ema", "ours-bema", "trl-bema"]),
         "LoRA r=16 (all linear)": (True, ["none", "ours-ema", "ours-bema", "ours-dema", "ours-ouema"]),
     }
-    print(f"tiny Llama, hidden={args.hidden}, 2 layers, batch 8 x 128 tokens, {args.steps} steps x {args.repeats} repeats")
+    print(
+        f"tiny Llama, hidden={args.hidden}, 2 layers, batch 8 x 128 tokens, {args.steps} steps x {args.repeats} repeats"
+    )
     for title, (peft, variants) in setups.items():
         times: dict[str, list[float]] = {v: [] for v in variants}
         memory: dict[str, int] = {}
@@ -111,7 +126,9 @@ def main() -> None:
         for variant in variants:
             median = statistics.median(times[variant])
             copies = memory[variant] / (trainable * 4) if trainable else 0
-            print(f"{variant:<12} {median * 1e3:>17.1f} {median / base:>14.3f} {memory[variant] / 2**20:>11.2f} {copies:>7.2f}")
+            print(
+                f"{variant:<12} {median * 1e3:>17.1f} {median / base:>14.3f} {memory[variant] / 2**20:>11.2f} {copies:>7.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,27 @@ def main(steps: int = 60, decays: tuple[float, ...] = (0.9, 0.99)) -> None:
     tokenizer = tiny_tokenizer()
     recorder = FactorRecorder()
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-3,
-                         report_to=[], use_cpu=True, bf16=False, max_length=64, save_strategy="no", disable_tqdm=True)
+        args = SFTConfig(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            learning_rate=5e-3,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            max_length=64,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        SFTTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=tiny_sft_dataset(256), processing_class=tokenizer,
-                   peft_config=lora, callbacks=[recorder]).train()
+        SFTTrainer(
+            model=tiny_llama(tokenizer),
+            args=args,
+            train_dataset=tiny_sft_dataset(256),
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[recorder],
+        ).train()
     a_names = sorted(n for n in recorder.steps[0] if "lora_A" in n)
     print(f"{len(a_names)} LoRA pairs, {steps} steps, r=8")
     print(f"{'decay':>6} {'gap EMA(B)EMA(A) vs EMA(BA)':>28} {'raw BA vs EMA(BA)':>19}")

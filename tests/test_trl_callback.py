@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from trl import BEMACallback
-from trl_helpers import WeightRecorder, hand_bema, hand_ema, sft_trainer
+from trl_helpers import WeightRecorder, hand_bema, hand_ema, lora_config, sft_trainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_tokenizer
@@ -230,3 +230,34 @@ def test_no_trainable_parameters_is_a_clear_error(tmp_path):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         callback.setup(trainer.model, trainer.args)
+
+
+def test_dpo_averaged_evaluation_without_attach_fails_before_training(tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset
+
+    tokenizer = tiny_tokenizer()
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        eval_strategy="steps",
+        eval_steps=1,
+        max_length=64,
+    )
+    trainer = DPOTrainer(
+        model=tiny_llama(tokenizer),
+        args=args,
+        train_dataset=tiny_dpo_dataset(8),
+        eval_dataset=tiny_dpo_dataset(4, seed=1),
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[WeightAveragingCallback(method="ema")],
+    )
+    with pytest.raises(ValueError, match="attach"):
+        trainer.train()
+    assert trainer.state.global_step == 0

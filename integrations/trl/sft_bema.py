@@ -1,6 +1,6 @@
 """Runnable example: SFTTrainer + LoRA + BEMA on a tiny model built in code (seconds on CPU).
 
-    python integrations/trl/sft_bema.py
+python integrations/trl/sft_bema.py
 """
 
 from __future__ import annotations
@@ -19,9 +19,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = SFTTrainer(
             model=tiny_llama(tokenizer),
-            args=SFTConfig(output_dir=output_dir, max_steps=40, per_device_train_batch_size=8, learning_rate=1e-2,
-                           eval_strategy="steps", eval_steps=20, save_steps=20, report_to=[], use_cpu=True,
-                           bf16=False, max_length=64, disable_tqdm=True),
+            args=SFTConfig(
+                output_dir=output_dir,
+                max_steps=40,
+                per_device_train_batch_size=8,
+                learning_rate=1e-2,
+                eval_strategy="steps",
+                eval_steps=20,
+                save_steps=20,
+                report_to=[],
+                use_cpu=True,
+                bf16=False,
+                max_length=64,
+                disable_tqdm=True,
+            ),
             train_dataset=tiny_sft_dataset(256),
             eval_dataset=tiny_sft_dataset(32, seed=1),
             processing_class=tokenizer,

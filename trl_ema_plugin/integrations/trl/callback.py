@@ -96,12 +96,25 @@ class WeightAveragingCallback(TrainerCallback):
     ) -> None:
         self.setup(model, args)
         self._step = state.global_step
+        self._check_evaluation_path(args)
         self._warn_if_never_updated(state.max_steps)
         resume = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
         if resume is not None:
             self.load(resume)
         for weights in self.weights.values():
             weights.step(state.global_step)
+
+    def _check_evaluation_path(self, args: TrainingArguments) -> None:
+        """Preference trainers have no labels for the loss-only pass: they need ``attach(trainer)``."""
+        from trl import DPOConfig
+
+        strategy = getattr(args, "eval_strategy", "no")
+        evaluates = getattr(strategy, "value", strategy) != "no"
+        if self.config.eval and evaluates and self.trainer is None and isinstance(args, DPOConfig):
+            raise ValueError(
+                "evaluating averaged weights in a DPO run needs the trainer: call trl_ema_plugin.attach(trainer) "
+                "before trainer.train(), or pass eval=False to WeightAveragingCallback"
+            )
 
     def _warn_if_never_updated(self, max_steps: int) -> None:
         for spec in self.config.averagers:

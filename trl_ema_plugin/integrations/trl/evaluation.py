@@ -53,9 +53,23 @@ def mean_eval_loss(model: nn.Module, dataloader: Any) -> float:
             count += size
     finally:
         model.train(was_training)
+    total, count = _sum_over_ranks(total, count, device)
     if count == 0:
         raise ValueError("the evaluation dataloader is empty")
     return total / count
+
+
+def _sum_over_ranks(total: float, count: int, device: torch.device) -> tuple[float, int]:
+    """Under several processes each rank saw its shard of the evaluation set: add them up."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return total, count
+    from ..deepspeed.collectives import communication_device
+
+    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=communication_device(device))
+    dist.all_reduce(sums)
+    return float(sums[0]), int(sums[1])
 
 
 @torch.no_grad()
