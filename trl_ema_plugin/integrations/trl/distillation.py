@@ -1,0 +1,246 @@
+"""``SelfDistillationCallback``: add λ · τ² · D(student ‖ EMA/BEMA teacher) to a TRL trainer's loss.
+
+After :func:`trl_ema_plugin.attach`, the trainer's own ``compute_loss`` is wrapped on the
+instance (no copy of TRL's trainers). Per training micro-batch:
+
+1. the trainer's ``compute_loss`` runs unchanged; a hook records the student's backbone call;
+2. the teacher adapter is refreshed from the averager when the averager has moved;
+3. the backbone call is replayed with the teacher adapter (eval mode, no grad) on the rows
+   that hold completion tokens (SFT: ``labels != -100``; DPO: the chosen completions);
+4. ``D`` is computed on the completion positions only, from ``lm_head(h)`` of both.
+
+Cost per distilled step: one teacher forward without gradient (DPO: on the chosen half of the
+batch) plus the LM-head projection of the completion tokens, for student (with backward) and
+teacher. Warm-up steps, steps skipped by ``distill_every`` and evaluation cost nothing.
+
+The task loss and the added term are logged as ``loss/task`` and ``loss/distill``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ...config.distillation import SelfDistillationConfig
+from ...distillation import per_token_distillation, teacher_targets
+from ...shadow import AveragedWeights
+from .callback import WeightAveragingCallback, unwrap_model
+from .student_outputs import BackboneCall, BackboneRecorder, chosen_positions, label_positions, output_logits
+from .teacher import TeacherAdapter
+
+TASK_KEY = "loss/task"
+DISTILL_KEY = "loss/distill"
+
+
+def loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
+    """Whether the trainer leaves ``compute_loss``'s loss undivided by the accumulation steps (transformers' rule)."""
+    explicit = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if explicit is not None:
+        return bool(explicit)
+    accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+    return (accepts and num_items_in_batch is not None) or getattr(trainer, "compute_loss_func", None) is not None
+
+
+def _is_dpo(trainer: Any) -> bool:
+    try:
+        from trl import DPOTrainer
+    except ImportError:  # pragma: no cover - trl is a dependency
+        return False
+    return isinstance(trainer, DPOTrainer)
+
+
+class SelfDistillationCallback(TrainerCallback):
+    """Self-distillation from an averaged teacher, for TRL ``SFTTrainer`` and ``DPOTrainer``.
+
+    ``SFTTrainer(..., callbacks=[WeightAveragingCallback(method="bema", update_every=1),
+    SelfDistillationCallback(lambda_=0.5, temperature=2.0)])`` then ``trl_ema_plugin.attach(trainer)``.
+    Arguments are the fields of :class:`~trl_ema_plugin.config.distillation.SelfDistillationConfig`
+    (``teacher``, ``divergence``, ``beta``, ``temperature``, ``lambda_``/``weight``, ``warmup_steps``,
+    ``top_k``, ``distill_every``, ``adapter_name``).
+    """
+
+    def __init__(self, config: SelfDistillationConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise ValueError("pass either config=SelfDistillationConfig(...) or its fields, not both")
+        self.config = config or SelfDistillationConfig(**kwargs)
+        self.trainer: Any = None
+        self.averaging: WeightAveragingCallback | None = None
+        self.teacher: TeacherAdapter | None = None
+        self.recorder: BackboneRecorder | None = None
+        self.resume_from_checkpoint: str | bool | None = None  # set by attach(); unused here
+        self.teacher_forwards = 0
+        self._dpo = False
+        self._own_metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ attach
+    def attach_to(self, trainer: Any) -> None:
+        """Called by :func:`trl_ema_plugin.attach`: add the teacher adapter and wrap ``trainer.compute_loss``."""
+        if self.trainer is trainer:
+            return
+        if self.trainer is not None:
+            raise ValueError("this SelfDistillationCallback is already attached to another trainer")
+        others = [
+            cb
+            for cb in trainer.callback_handler.callbacks
+            if isinstance(cb, SelfDistillationCallback) and cb is not self
+        ]
+        if others:
+            raise ValueError("a trainer takes one SelfDistillationCallback")
+        self.averaging = self._find_averaging(trainer)
+        model = unwrap_model(trainer.model)
+        self.teacher = TeacherAdapter(model, self.config.adapter_name)
+        self.recorder = BackboneRecorder(model)
+        self._dpo = _is_dpo(trainer)
+        original = trainer.compute_loss
+
+        @functools.wraps(original)
+        def compute_loss(
+            model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None, **kw: Any
+        ) -> Any:
+            return self._compute_loss(original, model, inputs, return_outputs, num_items_in_batch, **kw)
+
+        trainer.compute_loss = compute_loss
+        self.trainer = trainer
+
+    def _find_averaging(self, trainer: Any) -> WeightAveragingCallback:
+        callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, WeightAveragingCallback)]
+        if not callbacks:
+            raise ValueError(
+                "self-distillation takes its teacher from a WeightAveragingCallback: pass "
+                "callbacks=[WeightAveragingCallback(...), SelfDistillationCallback(...)] to the trainer"
+            )
+        wanted = self.config.teacher
+        if wanted is None:
+            return callbacks[0]
+        for callback in callbacks:
+            if wanted in [spec.label for spec in callback.config.averagers]:
+                return callback
+        names = [spec.label for cb in callbacks for spec in cb.config.averagers]
+        raise ValueError(f"teacher={wanted!r} names no averager; the averagers are: {', '.join(names)}")
+
+    def teacher_weights(self) -> AveragedWeights:
+        """The averager the teacher follows (built by the averaging callback at train begin)."""
+        assert self.averaging is not None
+        if not self.averaging.weights:
+            raise RuntimeError(
+                "the WeightAveragingCallback has not set up its averagers yet (it does so at on_train_begin)"
+            )
+        name = self.config.teacher
+        return self.averaging.weights[name] if name is not None else self.averaging.primary
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.trainer is None:
+            raise ValueError(
+                "SelfDistillationCallback needs the trainer to add its loss term: call trl_ema_plugin.attach(trainer) "
+                "before trainer.train()"
+            )
+
+    # --------------------------------------------------------------------- loss
+    def _compute_loss(
+        self,
+        original: Any,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool,
+        num_items_in_batch: Any,
+        **kw: Any,
+    ) -> Any:
+        trainer = self.trainer
+        if not (trainer.model.training and torch.is_grad_enabled()):
+            return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kw)
+        step = trainer.state.global_step
+        averaged = self.teacher_weights()
+        distill = self.config.lambda_ > 0 and self.config.distills_at(step) and averaged.averager.started
+        positions = (chosen_positions(inputs) if self._dpo else label_positions(inputs)).clone() if distill else None
+        assert self.recorder is not None
+        with self.recorder.recording(enabled=distill):
+            result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kw)
+        loss = result[0] if return_outputs else result
+
+        scaled = loss_is_scaled_for_ga(trainer, num_items_in_batch)
+        accumulation = getattr(trainer, "current_gradient_accumulation_steps", 1) or 1
+        report = accumulation if scaled else 1  # logged values are per micro-batch means, like the trainer's loss
+        term = None
+        if distill:
+            assert positions is not None
+            averaged_step = step
+            assert self.teacher is not None
+            self.teacher.refresh(averaged, averaged_step, trainer.args)
+            total, count = self._divergence_sum(self.recorder.take(), positions)
+            term = (
+                self.config.lambda_ * total / self._denominator(count, scaled, num_items_in_batch, accumulation, loss)
+            )
+        self._log(TASK_KEY, float(loss.detach()) * report)
+        self._log(DISTILL_KEY, float(term.detach()) * report if term is not None else 0.0)
+        if term is not None:
+            loss = loss + term.to(loss.dtype)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _denominator(
+        self, count: int, scaled: bool, num_items_in_batch: Any, accumulation: int, loss: Tensor
+    ) -> Tensor | float:
+        """Normalise like the task loss: by the batch's token count when the trainer does, else per micro-batch."""
+        if scaled and num_items_in_batch is not None:
+            denominator = torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
+            if getattr(self.trainer.args, "average_tokens_across_devices", False):
+                denominator = denominator / self.trainer.accelerator.num_processes
+            return denominator
+        return max(count, 1) * (accumulation if scaled else 1)
+
+    def _divergence_sum(self, call: BackboneCall, positions: Tensor) -> tuple[Tensor, int]:
+        """``Σ τ² · D`` over the completion positions of ``call``, and their number."""
+        assert self.recorder is not None and self.teacher is not None
+        hidden = call.hidden
+        if positions.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"the completion mask {tuple(positions.shape)} does not match the backbone output {tuple(hidden.shape[:2])}; "
+                "self-distillation needs one hidden state per input token"
+            )
+        positions = positions.to(hidden.device)
+        rows = positions.any(dim=1)
+        if not bool(rows.any()):
+            rows = torch.ones_like(rows)  # every rank runs the teacher forward (ZeRO-3 gathers are collective)
+        lm = self.recorder.causal_lm
+        config = self.config
+        with self.teacher.active():
+            teacher_hidden, rows = self.recorder.replay(call, rows)
+            teacher_logits = output_logits(lm, teacher_hidden[positions[rows]])
+            targets = teacher_targets(teacher_logits, config.temperature, config.top_k)
+            del teacher_logits, teacher_hidden
+        self.teacher_forwards += 1
+        student_logits = output_logits(lm, hidden[positions])
+        per_token = per_token_distillation(
+            student_logits, targets, divergence=config.divergence, beta=config.jsd_beta, temperature=config.temperature
+        )
+        return per_token.sum(), per_token.numel()
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, key: str, value: float) -> None:
+        metrics = getattr(self.trainer, "_metrics", None)
+        if isinstance(metrics, dict) and isinstance(metrics.get("train"), dict):
+            metrics["train"].setdefault(key, []).append(value)
+        else:
+            self._own_metrics[key].append(value)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """For trainers without TRL's ``_metrics``: add the averaged terms to the logs."""
+        if logs is None or not self._own_metrics or any(k.startswith("eval_") for k in logs):
+            return
+        for key, values in self._own_metrics.items():
+            if values:
+                logs[key] = sum(values) / len(values)
+        self._own_metrics.clear()

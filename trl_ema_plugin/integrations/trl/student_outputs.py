@@ -1,0 +1,159 @@
+"""Reuse the student's own forward for distillation: its hidden states, and which positions are completions.
+
+TRL 1.16 computes the SFT/DPO losses through a fused LM head that never builds the logits, and
+TRL 1.9 builds them for every position. Both call the decoder backbone (``LlamaModel`` for a
+``LlamaForCausalLM``) once with gradients. A forward hook on the backbone records that call (its
+arguments and its last hidden state), so distillation needs no second student forward: the
+student logits are ``lm_head(h)`` on the completion positions only, and the teacher forward
+replays the same backbone call (same arguments, hence the same masks, positions and packing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: Backbone keyword arguments with one row per sequence; they are sliced when the teacher needs fewer rows.
+ROW_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids"})
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a PeftModel."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_of(causal_lm: nn.Module) -> nn.Module:
+    """The decoder stack whose output feeds the LM head (``causal_lm.base_model``, e.g. ``LlamaModel``)."""
+    backbone = getattr(causal_lm, "base_model", None)
+    if backbone is None or backbone is causal_lm or causal_lm.get_output_embeddings() is None:
+        raise ValueError(
+            f"self-distillation needs a causal LM with a decoder backbone and an LM head; got {type(causal_lm).__name__}"
+        )
+    return backbone
+
+
+def _hidden(output: Any) -> Tensor:
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def output_logits(causal_lm: nn.Module, hidden: Tensor) -> Tensor:
+    """Logits ``head(h)`` as the model's forward computes them (``logit_scale`` and ``final_logit_softcapping``).
+
+    Calls the head *module*, so DeepSpeed ZeRO-3 gathers its weight, and an adapter on the head applies.
+    """
+    logits = causal_lm.get_output_embeddings()(hidden)
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@dataclass
+class BackboneCall:
+    """One recorded call of the decoder backbone."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden: Tensor  # [batch, seq, hidden], part of the autograd graph of the task loss
+
+
+class BackboneRecorder:
+    """Records the first gradient-enabled backbone call inside :meth:`recording`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.causal_lm = causal_lm_of(model)
+        self.backbone = backbone_of(self.causal_lm)
+        self._handle = self.backbone.register_forward_hook(self._hook, with_kwargs=True)
+        self._recording = False
+        self._call: BackboneCall | None = None
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not self._recording or self._call is not None or not torch.is_grad_enabled():
+            return
+        hidden = _hidden(output)
+        if torch.is_tensor(hidden) and hidden.requires_grad:
+            self._call = BackboneCall(args, dict(kwargs), hidden)
+
+    @contextmanager
+    def recording(self, enabled: bool = True) -> Iterator[None]:
+        self._call = None
+        self._recording = enabled
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def take(self) -> BackboneCall:
+        """The recorded student call (once)."""
+        call, self._call = self._call, None
+        if call is None:
+            raise RuntimeError(
+                "self-distillation saw no gradient-enabled forward of the decoder backbone inside the trainer's "
+                "compute_loss; this trainer computes its loss in a way the hook does not support"
+            )
+        return call
+
+    def replay(self, call: BackboneCall, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the backbone again with the recorded arguments, on ``rows`` when they can be sliced.
+
+        Returns the hidden states and the rows they belong to (all rows when slicing was not possible).
+        """
+        batch = call.hidden.size(0)
+        args, kwargs = call.args, call.kwargs
+        if not bool(rows.all()):
+            sliced = _slice_rows(args, kwargs, rows, batch)
+            if sliced is None:
+                rows = torch.ones_like(rows)
+            else:
+                kwargs = sliced
+        return _hidden(self.backbone(*args, **kwargs)), rows
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _slice_rows(args: tuple[Any, ...], kwargs: dict[str, Any], rows: Tensor, batch: int) -> dict[str, Any] | None:
+    if any(torch.is_tensor(a) for a in args):
+        return None
+    sliced = {}
+    for key, value in kwargs.items():
+        if torch.is_tensor(value) and value.dim() >= 1 and value.size(0) == batch:
+            if key not in ROW_KEYS:
+                return None
+            value = value[rows.to(value.device)]
+        sliced[key] = value
+    return sliced
+
+
+# --------------------------------------------------------------------------------- positions
+def label_positions(inputs: dict[str, Any]) -> Tensor:
+    """``[batch, seq]`` mask of the hidden positions whose next token is trained (``labels != -100``)."""
+    if "shift_labels" in inputs:
+        return inputs["shift_labels"] != -100
+    if "labels" not in inputs:
+        raise ValueError(
+            "self-distillation needs 'labels' in the training batch (SFT-style, -100 outside the completion); "
+            f"this batch has {sorted(inputs)}"
+        )
+    labels = inputs["labels"]
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = labels[:, 1:] != -100
+    return positions
+
+
+def chosen_positions(inputs: dict[str, Any]) -> Tensor:
+    """DPO batches are ``[chosen; rejected]`` with a ``completion_mask``: the chosen completion positions."""
+    completion = inputs["completion_mask"].bool()
+    positions = torch.zeros_like(completion)
+    positions[:, :-1] = completion[:, 1:]
+    positions[completion.size(0) // 2 :] = False
+    return positions
