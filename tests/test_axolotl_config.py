@@ -1,0 +1,258 @@
+"""Flat YAML keys <-> WeightAveragingConfig: round trips, generated args model, error messages, examples.
+
+Runs on both stacks; the tests that go through Axolotl's own config validation need Axolotl and
+run on the axolotl stack only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from trl_ema_plugin.config import AveragerSpec, WeightAveragingConfig
+from trl_ema_plugin.config.flat_keys import (
+    WEIGHT_AVERAGING,
+    check_flat_keys,
+    flat_args_model,
+    flat_from_weight_averaging_config,
+    weight_averaging_config_from_flat,
+)
+from trl_ema_plugin.config.flat_table import config_table_markdown
+from trl_ema_plugin.integrations.trl import WeightAveragingCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "example_configs"
+GPU_EXAMPLES = ["sft_lora_bema.yml", "dpo_bema.yml", "zero3_lora_bema.yml"]
+CPU_EXAMPLES = ["cpu/sft_lora_bema.yml", "cpu/dpo_bema.yml"]
+AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+# ---------------------------------------------------------------------------------- round trips
+ROUND_TRIP_CONFIGS = [
+    WeightAveragingConfig.from_kwargs(
+        method="bema", update_every=1, update_after=3, lag=2.5, ema_power=0.6, bias_power=0.3
+    ),
+    WeightAveragingConfig.from_kwargs(method="ema", decay=0.9, update_freq=2, eval=False, offload=True),
+    WeightAveragingConfig.from_kwargs(method="dema", name="slow", lag=4, multiplier=2.0, save_checkpoints=False),
+    WeightAveragingConfig.from_kwargs(method="ouema", min_ema_multiplier=0.1, export_at_end=False),
+    WeightAveragingConfig.from_kwargs(method="ema", use_ema_warmup=True, inv_gamma=2.0, power=0.75),
+    WeightAveragingConfig(
+        averagers=[
+            AveragerSpec(method="bema", update_every=1, lag=2),
+            AveragerSpec(method="ema", name="ema_09", decay=0.9),
+            AveragerSpec(method="ema", name="ema_99", decay=0.99, update_after=2),
+        ],
+        eval=False,
+    ),
+]
+
+
+@pytest.mark.parametrize("config", ROUND_TRIP_CONFIGS, ids=lambda c: "+".join(s.label for s in c.averagers))
+def test_flat_keys_round_trip_through_yaml_text(config):
+    flat = flat_from_weight_averaging_config(config)
+    assert all(k == "weight_averaging" or k.startswith("weight_averaging_") for k in flat)
+    text = yaml.safe_dump(flat)
+    back = weight_averaging_config_from_flat(yaml.safe_load(text))
+    assert back == config
+    assert flat_from_weight_averaging_config(back) == flat
+
+
+def test_flat_keys_spell_out_what_the_user_wrote():
+    cfg = {
+        "weight_averaging": "bema",
+        "weight_averaging_update_freq": 3,  # TRL's name, the alias
+        "weight_averaging_lag": 2,
+        "weight_averaging_eval": False,
+        "learning_rate": 0.1,  # other keys of the YAML are not ours
+    }
+    config = weight_averaging_config_from_flat(cfg)
+    spec = config.primary
+    assert (spec.method, spec.update_every, spec.lag, spec.bias_power, config.eval) == ("bema", 3, 2.0, 0.2, False)
+    assert spec.model_fields_set == {"method", "update_every", "lag"}
+
+
+def test_feature_off_when_switch_unset_or_false():
+    assert weight_averaging_config_from_flat({"learning_rate": 0.1}) is None
+    assert weight_averaging_config_from_flat({"weight_averaging": None}) is None
+    with pytest.warns(UserWarning, match="weight_averaging_decay unused"):
+        assert weight_averaging_config_from_flat({"weight_averaging": False, "weight_averaging_decay": 0.9}) is None
+
+
+def test_config_object_is_shared_with_trl_users():
+    """The YAML keys build the same config object the TRL callback takes."""
+    cfg = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")
+    config = weight_averaging_config_from_flat(cfg)
+    callback = WeightAveragingCallback(config=config)
+    direct = WeightAveragingCallback(
+        method="bema", update_every=1, update_after=1, lag=2, ema_power=0.6, bias_power=0.3, eval=True
+    )
+    assert callback.config == direct.config
+
+
+# ------------------------------------------------------------------------ the generated model
+def test_every_config_field_has_exactly_one_key():
+    keys = WEIGHT_AVERAGING.keys
+    for model in (AveragerSpec, WeightAveragingConfig):
+        for name in model.model_fields:
+            if (model, name) == (AveragerSpec, "method"):
+                continue  # the switch: weight_averaging: <method>
+            key = f"weight_averaging_{name}"
+            assert keys[key].python == name and keys[key].model is model
+    assert keys["weight_averaging_update_freq"].alias_of == "weight_averaging_update_every"
+    expected = {"weight_averaging", *keys}
+    args = flat_args_model()
+    assert set(args.model_fields) == expected
+    assert all(f.default is None for f in args.model_fields.values())  # unset keys stay out of Axolotl's dump
+
+
+def test_args_model_keeps_the_field_constraints():
+    args = flat_args_model()
+    ok = args(weight_averaging="ema", weight_averaging_decay=0.5, weight_averaging_update_every=2)
+    assert ok.model_dump(exclude_none=True) == {
+        "weight_averaging": "ema",
+        "weight_averaging_decay": 0.5,
+        "weight_averaging_update_every": 2,
+    }
+    with pytest.raises(
+        ValidationError, match=r"weight_averaging_update_every=0: Input should be greater than or equal to 1"
+    ):
+        args(weight_averaging="ema", weight_averaging_update_every=0)
+    with pytest.raises(ValidationError, match=r"weight_averaging_min_ema_multiplier"):
+        args.model_validate({"weight_averaging": "bema", "weight_averaging_min_ema_multiplier": 2.0})
+
+
+# ------------------------------------------------------------------------------ error messages
+BAD = [
+    ({"weight_averaging": "bemax"}, ["weight_averaging: 'bemax' is not allowed", "bema | dema | ema | ouema"]),
+    ({"weight_averaging": 3}, ["weight_averaging: 3 is not allowed"]),
+    (
+        {"weight_averaging": "bema", "weight_averaging_decay": 0.9},
+        ["weight_averaging_decay: does not apply to weight_averaging: bema", "weight_averaging_lag"],
+    ),
+    (
+        {"weight_averaging": "ema", "weight_averaging_decay": 1.5},
+        ["weight_averaging_decay=1.5", "allowed: number > 0.0 and < 1.0"],
+    ),
+    (
+        {"weight_averaging": "ema", "weight_averaging_eval": "maybe"},
+        ["weight_averaging_eval='maybe'", "allowed: true | false"],
+    ),
+    (
+        {"weight_averaging": "ema", "weight_averaging_update_every": 0},
+        ["weight_averaging_update_every=0", "integer ≥ 1"],
+    ),
+    ({"weight_averaging": "ema", "weight_averaging_name": "a b"}, ["weight_averaging_name='a b'"]),
+    (
+        {"weight_averaging": "ema", "weight_averaging_dcay": 0.5},
+        ["weight_averaging_dcay", "did you mean weight_averaging_decay?"],
+    ),
+    ({"weight_averaging_lag": 2}, ["weight_averaging_lag: set without weight_averaging", "bema | dema | ema | ouema"]),
+    (
+        {"weight_averaging": "ema", "weight_averaging_update_freq": 2, "weight_averaging_update_every": 2},
+        ["weight_averaging_update_every, weight_averaging_update_freq: set one of them"],
+    ),
+    ({"weight_averaging": True}, ["weight_averaging: true needs weight_averaging_averagers"]),
+    (
+        {"weight_averaging": "ema", "weight_averaging_averagers": [{"method": "ema"}]},
+        ["weight_averaging_averagers: needs `weight_averaging: true`"],
+    ),
+    (
+        {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}], "weight_averaging_decay": 0.9},
+        ["weight_averaging_decay: with weight_averaging_averagers, set hyper-parameters inside each list entry"],
+    ),
+    (
+        {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "ema", "decay": 2}]},
+        ["weight_averaging_averagers[1].decay=2", "allowed: number > 0.0 and < 1.0"],
+    ),
+    (
+        {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "bema", "decay": 0.9}]},
+        ["weight_averaging_averagers[1]: decay do(es) not apply to method='bema'"],
+    ),
+    (
+        {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "ema", "decay": 0.9}]},
+        ["weight_averaging_averagers: averager names must be unique; repeated: ema"],
+    ),
+    ({"weight_averaging": True, "weight_averaging_averagers": []}, ["weight_averaging_averagers", "non-empty list"]),
+]
+
+
+@pytest.mark.parametrize(("cfg", "fragments"), BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_values_name_the_yaml_key(cfg, fragments):
+    with pytest.raises(ValueError) as info:
+        weight_averaging_config_from_flat(cfg)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    # the same message through the generated pydantic model (what Axolotl runs)
+    with pytest.raises(ValidationError) as info:
+        flat_args_model().model_validate(cfg)
+    assert fragments[0] in str(info.value)
+
+
+def test_check_flat_keys_ignores_other_keys():
+    check_flat_keys({"weight_decay": 0.1, "learning_rate": 1e-4, "weight_averaging": "ema"})
+    with pytest.raises(ValueError, match="weight_averaging_offlaod"):
+        check_flat_keys({"weight_averaging": "ema", "weight_averaging_offlaod": True})
+
+
+# ------------------------------------------------------------------------------ docs and examples
+def test_config_table_is_generated_from_the_models():
+    table = config_table_markdown()
+    assert (ROOT / "docs" / "config_table.md").read_text() == table, (
+        "docs/config_table.md is stale: python -m trl_ema_plugin.config.flat_table > docs/config_table.md"
+    )
+    for key in WEIGHT_AVERAGING.all_keys:
+        assert f"| `{key}` |" in table
+
+
+@pytest.mark.parametrize("name", GPU_EXAMPLES + CPU_EXAMPLES)
+def test_example_configs_hold_valid_keys(name):
+    cfg = load_yaml(EXAMPLES / name)
+    assert cfg["plugins"] == ["trl_ema_plugin.integrations.axolotl.WeightAveragingPlugin"]
+    config = weight_averaging_config_from_flat(cfg)
+    assert config.primary.method == "bema" and config.primary.update_every == 1
+
+
+def _axolotl_validate(cfg: dict, gpu: bool):
+    pytest.importorskip("axolotl", reason=AXOLOTL_MISSING)
+    from axolotl.utils.config import prepare_plugins, validate_config
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault(cfg)
+    prepare_plugins(cfg)
+    if not gpu:
+        return validate_config(cfg)
+    n_gpu = 2 if cfg.get("deepspeed") else 1
+    capabilities = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": n_gpu, "compute_capability": "sm_90"}
+    return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
+
+
+@pytest.mark.axolotl
+@pytest.mark.parametrize("name", GPU_EXAMPLES + CPU_EXAMPLES)
+def test_example_configs_pass_axolotl_validation(name):
+    """The GPU YAMLs are validated offline, as Axolotl would on an H100 (no download, no training)."""
+    cfg = load_yaml(EXAMPLES / name)
+    validated = _axolotl_validate(cfg, gpu=not name.startswith("cpu/"))
+    ours = {k: v for k, v in validated.items() if k.startswith("weight_averaging")}
+    assert ours == {k: v for k, v in cfg.items() if k.startswith("weight_averaging")}
+    assert weight_averaging_config_from_flat(validated) == weight_averaging_config_from_flat(cfg)
+
+
+@pytest.mark.axolotl
+@pytest.mark.parametrize(
+    ("cfg", "fragments"), [BAD[0], BAD[2], BAD[3], BAD[7], BAD[13]], ids=["method", "applies", "range", "typo", "list"]
+)
+def test_axolotl_validation_rejects_bad_keys_with_our_message(cfg, fragments):
+    base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")
+    base = {k: v for k, v in base.items() if not k.startswith("weight_averaging")}
+    with pytest.raises(ValidationError) as info:
+        _axolotl_validate({**base, **cfg}, gpu=False)
+    assert "AxolotlInputConfig" in str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value)

@@ -1,0 +1,182 @@
+"""``axolotl train`` for real, on CPU, with the plugin: SFT + LoRA + BEMA, ``rl: dpo`` + BEMA, ZeRO-3 on
+2 processes, a bad key, and ``axolotl ema-export``. The configs are the CPU twins in
+``example_configs/cpu/``, run as written in a folder that holds a tiny Llama and local jsonl data.
+
+Every run saves a checkpoint per step, so the test rebuilds BEMA by hand from the recorded
+adapters θ_1..θ_T and compares it with the ``averaged/`` adapter the plugin wrote:
+
+    θ̂_T = α_T·(θ_T − θ_τ) + EMA_T,   EMA_t = (1 − β_t)·EMA_{t−1} + β_t·θ_t,   EMA_τ = θ_τ
+    β_t = (ρ + t)^−κ,   α_t = (ρ + t)^−η          (γ = 1, β_min = 0, update every step)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip(
+    "axolotl", reason="could not import 'axolotl': the Axolotl end-to-end tests run on the axolotl stack only"
+)
+
+from conftest import free_port
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from trl_ema_plugin.config.flat_keys import weight_averaging_config_from_flat
+from trl_ema_plugin.experiments.axolotl_cpu import MODEL_FOLDER, prepare_cpu_workspace
+
+pytestmark = [pytest.mark.axolotl, pytest.mark.slow]
+
+CPU_CONFIGS = Path(__file__).resolve().parents[1] / "example_configs" / "cpu"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return prepare_cpu_workspace(tmp_path_factory.mktemp("axolotl"))
+
+
+def axolotl(*args: str, cwd: Path, timeout: int = 480, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_DISABLED": "true",
+        "DS_ACCELERATOR": "cpu",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    result = subprocess.run(
+        [str(BIN / "axolotl"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if expect_ok:
+        assert result.returncode == 0, f"axolotl {' '.join(args)} failed:\n{(result.stdout + result.stderr)[-6000:]}"
+    return result
+
+
+def lora_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.replace(".default", ""): v for k, v in state.items() if "lora_" in k}
+
+
+def adapter_at(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """θ_step: the checkpoint's adapter; under ZeRO-3 (where that file is empty) the DeepSpeed fp32 weights."""
+    checkpoint = run / f"checkpoint-{step}"
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    if all(t.numel() > 0 for t in saved.values()):
+        return saved
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return lora_only(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint)))
+
+
+def hand_bema(run: Path, cfg: dict, last: int) -> dict[str, torch.Tensor]:
+    spec = weight_averaging_config_from_flat(cfg).primary
+    assert spec.method == "bema" and spec.cadence == 1 and spec.multiplier == 1.0 and spec.min_ema_multiplier == 0.0
+    tau, lag = spec.update_after, spec.lag
+    trajectory = {t: adapter_at(run, t) for t in range(tau, last + 1)}
+    out = {}
+    for key, theta0 in trajectory[tau].items():
+        theta0 = theta0.double()
+        ema = theta0.clone()
+        for t in range(tau + 1, last + 1):
+            beta = (lag + t) ** -spec.ema_power
+            ema = (1 - beta) * ema + beta * trajectory[t][key].double()
+        alpha = (lag + last) ** -spec.bias_power
+        out[key] = alpha * (trajectory[last][key].double() - theta0) + ema
+    return out
+
+
+def assert_matches_hand_bema(run: Path, cfg: dict, folder: Path, step: int) -> None:
+    averaged = load_file(folder / "adapter_model.safetensors")
+    expected = hand_bema(run, cfg, step)
+    assert averaged.keys() == expected.keys() and len(averaged) == 28  # 7 linears x 2 layers x (A, B)
+    for key, tensor in averaged.items():
+        torch.testing.assert_close(tensor.double(), expected[key], rtol=1e-5, atol=1e-7)
+    state = json.loads((folder / "averager_state.json").read_text())
+    assert state["global_step"] == step
+    assert state["counters"]["num_updates"] == step - cfg["weight_averaging_update_after"]
+
+
+def assert_loads_with_peft_and_differs(workspace: Path, folder: Path, raw: dict[str, torch.Tensor]) -> None:
+    base = AutoModelForCausalLM.from_pretrained(workspace / MODEL_FOLDER)
+    model = PeftModel.from_pretrained(base, folder)
+    loaded = lora_only(model.state_dict())
+    averaged = load_file(folder / "adapter_model.safetensors")
+    assert loaded.keys() == averaged.keys() == raw.keys()
+    assert all(torch.equal(loaded[k], averaged[k]) for k in averaged)
+    assert all(not torch.allclose(averaged[k], raw[k]) for k in averaged if raw[k].abs().sum() > 0)
+
+
+def test_sft_lora_bema_then_ema_export(workspace):
+    config = CPU_CONFIGS / "sft_lora_bema.yml"
+    cfg = yaml.safe_load(config.read_text())
+    axolotl("train", str(config), cwd=workspace)
+    run = workspace / cfg["output_dir"]
+
+    # the final averaged adapter, and the one in a middle checkpoint, are BEMA of the recorded trajectory
+    assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
+    assert_matches_hand_bema(run, cfg, run / "checkpoint-3" / "averaged", 3)
+    assert_loads_with_peft_and_differs(workspace, run / "averaged", load_file(run / "adapter_model.safetensors"))
+
+    # evaluation of the averaged weights, beside the raw eval_loss (trainer attached: full metrics)
+    history = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "trainer_state.json").read_text())["log_history"]
+    raw = {h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}
+    averaged = {h["step"]: h["eval_bema_loss"] for h in history if "eval_bema_loss" in h}
+    assert averaged.keys() == raw.keys() and {3, 6} <= raw.keys()
+    if 0 in raw:  # Axolotl evaluates before the first step: BEMA has not started, the average is θ itself
+        assert averaged[0] == pytest.approx(raw[0], rel=1e-6)
+    assert averaged[6] != pytest.approx(raw[6], rel=1e-6)
+
+    # axolotl ema-export: merge the averaged adapter into the base model
+    axolotl("ema-export", str(config), "--merge", cwd=workspace)
+    merged = AutoModelForCausalLM.from_pretrained(run / "ema-merged").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(workspace / MODEL_FOLDER).state_dict()
+    adapter = load_file(run / "averaged" / "adapter_model.safetensors")
+    scale = cfg["lora_alpha"] / cfg["lora_r"]
+    for key in (k for k in adapter if ".lora_A." in k):
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        expected = base[f"{module}.weight"] + scale * adapter[key.replace("lora_A", "lora_B")] @ adapter[key]
+        torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dpo_bema(workspace):
+    config = CPU_CONFIGS / "dpo_bema.yml"
+    cfg = yaml.safe_load(config.read_text())
+    assert cfg["rl"] == "dpo"
+    axolotl("train", str(config), cwd=workspace)
+    run = workspace / cfg["output_dir"]
+    assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
+    assert_loads_with_peft_and_differs(workspace, run / "averaged", load_file(run / "adapter_model.safetensors"))
+
+
+def test_zero3_two_processes_bema(workspace):
+    config = CPU_CONFIGS / "zero3_lora_bema.yml"
+    cfg = yaml.safe_load(config.read_text())
+    launcher = ["--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    axolotl("train", str(config), *launcher, cwd=workspace, timeout=560)
+    run = workspace / cfg["output_dir"]
+    # gathered from both ranks' shards, written once, equal to BEMA of the DeepSpeed fp32 trajectory
+    assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
+    assert_loads_with_peft_and_differs(workspace, run / "averaged", adapter_at(run, cfg["max_steps"]))
+
+
+def test_bad_key_fails_validation_with_our_message(workspace):
+    cfg = yaml.safe_load((CPU_CONFIGS / "sft_lora_bema.yml").read_text())
+    cfg["weight_averaging_decay"] = 0.9  # EMA's decay, set on BEMA
+    cfg["output_dir"] = "./outputs/never"
+    bad = workspace / "bad.yml"
+    bad.write_text(yaml.safe_dump(cfg))
+    result = axolotl("train", str(bad), cwd=workspace, timeout=240, expect_ok=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "weight_averaging_decay: does not apply to weight_averaging: bema" in output
+    assert "weight_averaging_lag" in output  # the keys that do apply
+    assert not (workspace / "outputs" / "never").exists()

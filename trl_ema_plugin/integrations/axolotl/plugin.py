@@ -1,0 +1,43 @@
+"""``WeightAveragingPlugin``: turns the YAML keys into callbacks on Axolotl's trainer.
+
+Hooks, in the order Axolotl calls them:
+
+* ``get_input_args``: the pydantic model of our keys (validated with Axolotl's config);
+* ``add_callbacks_post_trainer(cfg, trainer)``: a :class:`WeightAveragingCallback` built from
+  :func:`weight_averaging_config_from_flat` (SFT and ``rl: dpo`` alike);
+* ``post_trainer_create(cfg, trainer)``: :func:`trl_ema_plugin.attach` hands the trainer to
+  every feature's callback (full averaged evaluation metrics, resume from any path).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from ...config.flat_keys import weight_averaging_config_from_flat
+from ..trl import WeightAveragingCallback, attach
+from .args import ARGS_PATH
+
+logger = logging.getLogger(__name__)
+
+
+class WeightAveragingPlugin(BasePlugin):
+    """EMA/BEMA/DEMA/OUEMA weight averaging for ``axolotl train``, configured by ``weight_averaging*`` keys."""
+
+    def get_input_args(self) -> str:
+        return ARGS_PATH
+
+    def add_callbacks_post_trainer(self, cfg: Any, trainer: Any) -> list[Any]:
+        callbacks: list[Any] = []
+        averaging = weight_averaging_config_from_flat(cfg)
+        if averaging is not None:
+            names = ", ".join(f"{s.label} ({s.method})" for s in averaging.averagers)
+            logger.info("trl_ema_plugin: weight averaging with %s", names)
+            callbacks.append(WeightAveragingCallback(config=averaging))
+        return callbacks
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        if any(hasattr(cb, "attach_to") for cb in trainer.callback_handler.callbacks):
+            attach(trainer)
