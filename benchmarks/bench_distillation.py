@@ -1,12 +1,22 @@
 """Step-time cost of EMA-teacher self-distillation, side by side in one run (not a test).
 
-Same model, data and seed for every variant; variants are interleaved over repeats, and the
-fastest step of each (the estimate least disturbed by other processes) is compared with averaging
-alone. The extra time per step is also expressed in units of one no-grad forward of the same
-batch, the expected cost (one teacher forward, plus the LM-head projection of the completion tokens).
+One real ``SFTTrainer`` (tiny Llama, LoRA, BEMA averaging + ``SelfDistillationCallback``) trains a
+few steps so that the teacher differs from the student. Then the same batch is run through
+``trainer.training_step`` (forward, distillation, backward) followed by an optimizer step, once
+per variant, the variants taking turns, so that load from other processes hits them alike:
 
-    python benchmarks/bench_distillation.py                # ~1-2 minutes on 2 CPU cores
-    python benchmarks/bench_distillation.py --hidden 512 --steps 20 --repeats 3
+* ``no distillation``: the trainer's own ``compute_loss`` (the hook unwrapped);
+* ``distill (full vocab)`` and ``distill (top-k)``: the hook;
+* ``distill every n``: its amortised cost, ``(t_without · (n − 1) + t_with) / n``.
+
+Times are CPU seconds of this process with one torch thread (``--threads``), so that other
+processes on a shared machine do not distort them; the fastest repetition of each variant is
+compared (noise only adds time). The extra time is also given in units of one no-grad forward
+of the same batch, the expected cost (the teacher forward, plus the LM-head projection of the
+completion tokens).
+
+    python benchmarks/bench_distillation.py                 # ~1 minute on 2 CPU cores
+    python benchmarks/bench_distillation.py --hidden 512 --layers 4 --repeats 20
 """
 
 from __future__ import annotations
@@ -19,7 +29,6 @@ import warnings
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
@@ -28,125 +37,126 @@ from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallbac
 
 warnings.filterwarnings("ignore")
 
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "averaging only": None,
-    "+ distill (KL)": {"lambda_": 0.5, "temperature": 2.0},
-    "+ distill (top-32)": {"lambda_": 0.5, "temperature": 2.0, "top_k": 32},
-    "+ distill every 2": {"lambda_": 0.5, "temperature": 2.0, "distill_every": 2},
-}
 
-
-class StepTimer(TrainerCallback):
-    """Wall time from one step's start to the next one's start."""
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.starts.append(time.perf_counter())
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.starts.append(time.perf_counter())
-
-    def step_times(self, skip: int = 2) -> list[float]:
-        return [b - a for a, b in zip(self.starts[skip:], self.starts[skip + 1 :], strict=False)]
-
-
-def _forward_time(trainer: Any, repeats: int = 5) -> float:
-    """Median time of one no-grad eval-mode forward of a training batch (the teacher's cost)."""
-    model = trainer.model
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    model.eval()
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            model(**inputs)
-            times.append(time.perf_counter() - start)
-    model.train()
-    return statistics.median(times[1:])
-
-
-def run(distill: dict[str, Any] | None, hidden: int, steps: int) -> tuple[list[float], float, int]:
-    """Train ``steps`` steps; return the step times, one forward's time and the teacher adapter's bytes."""
+def _build(out: str, hidden: int, layers: int, batch: int, length: int) -> tuple[Any, SelfDistillationCallback]:
     from peft import LoraConfig
 
     tokenizer = tiny_tokenizer()
-    timer = StepTimer()
-    callbacks: list[Any] = [
-        timer,
-        WeightAveragingCallback(method="bema", update_every=1, eval=False, export_at_end=False),
-    ]
-    if distill is not None:
-        callbacks.append(SelfDistillationCallback(**distill))
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
+    model = tiny_llama(tokenizer, seed=0, hidden_size=hidden)
+    if layers != model.config.num_hidden_layers:
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "num_hidden_layers": layers}))
+    distillation = SelfDistillationCallback(lambda_=0.5, temperature=2.0)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
             output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=8,
+            max_steps=2,
+            per_device_train_batch_size=batch,
             learning_rate=1e-3,
             report_to=[],
             use_cpu=True,
             bf16=False,
-            max_length=128,
+            max_length=length,
             save_strategy="no",
             disable_tqdm=True,
             logging_steps=1000,
-        )
-        trainer = SFTTrainer(
-            model=tiny_llama(tokenizer, seed=0, hidden_size=hidden),
-            args=args,
-            train_dataset=tiny_sft_dataset(256),
-            processing_class=tokenizer,
-            peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05),
-            callbacks=callbacks,
-        )
-        if distill is not None:
-            attach(trainer)
-        trainer.train()
-        teacher = callbacks[-1].teacher.memory_bytes() if distill is not None else 0
-        return timer.step_times(), _forward_time(trainer), teacher
-
-
-def compare_step_times(hidden: int = 256, steps: int = 12, repeats: int = 2) -> dict[str, float]:
-    """Print median step time with and without distillation, their ratio, and the extra cost in forwards."""
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    forwards: list[float] = []
-    memory: dict[str, int] = {}
-    for _ in range(repeats):
-        for name, distill in VARIANTS.items():  # interleaved, so drift hits every variant alike
-            step_times, forward, memory[name] = run(distill, hidden, steps)
-            times[name] += step_times
-            forwards.append(forward)
-    # The minimum is the estimate least disturbed by other processes (noise only adds time); the median is shown too.
-    base = min(times["averaging only"])
-    forward = min(forwards)
-    print(
-        f"tiny Llama, hidden={hidden}, 2 layers, LoRA r=16 all-linear, batch 8 x 128 tokens, {steps} steps x {repeats}"
+        ),
+        train_dataset=tiny_sft_dataset(4 * batch),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.05),
+        callbacks=[
+            WeightAveragingCallback(method="bema", update_every=1, eval=False, export_at_end=False),
+            distillation,
+        ],
     )
-    print(f"one no-grad forward of a batch: {forward * 1e3:.1f} ms")
-    header = f"{'variant':<20} {'min step (ms)':>14} {'median (ms)':>12} {'ratio':>7} {'extra (forwards)':>17} {'teacher MiB':>12}"
-    print(header)
+    attach(trainer)
+    trainer.train()  # sets up the averager and the teacher, and moves them apart
+    return trainer, distillation
+
+
+def _time(fn: Any) -> float:
+    """CPU time of ``fn`` in this process: with one torch thread, the work itself, whatever the machine's load."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
+def compare_step_times(
+    hidden: int = 256,
+    layers: int = 2,
+    batch: int = 8,
+    length: int = 128,
+    repeats: int = 10,
+    top_k: int = 32,
+    threads: int = 1,
+) -> dict[str, float]:
+    """Print the step time with and without distillation side by side, their ratio, and the extra in forwards."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        trainer, distillation = _build(out, hidden, layers, batch, length)
+        model = trainer.model
+        model.train()
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        hooked = trainer.compute_loss
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(variant: str) -> None:
+            trainer.compute_loss = hooked.__wrapped__ if variant == "no distillation" else hooked
+            distillation.config.top_k = top_k if variant.startswith("distill (top") else None
+            trainer.training_step(model, dict(inputs))
+            optimizer.step()
+            optimizer.zero_grad()
+
+        def forward() -> None:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            model.train()
+
+        variants = ["no distillation", "distill (full vocab)", f"distill (top-{top_k})"]
+        times: dict[str, list[float]] = {v: [] for v in [*variants, "forward"]}
+        for _ in range(repeats + 1):  # the first round warms up
+            for variant in variants:
+                times[variant].append(_time(lambda v=variant: step(v)))
+            times["forward"].append(_time(forward))
+        trainer.compute_loss = hooked
+        teacher_mib = distillation.teacher.memory_bytes() / 2**20
+        completion_tokens = int((inputs["labels"][:, 1:] != -100).sum())
+
+    best = {name: min(values[1:]) for name, values in times.items()}
+    median = {name: statistics.median(values[1:]) for name, values in times.items()}
+    base, fwd = best["no distillation"], best["forward"]
+    best["distill every 4 (amortised)"] = (3 * base + best["distill (full vocab)"]) / 4
+    median["distill every 4 (amortised)"] = (3 * median["no distillation"] + median["distill (full vocab)"]) / 4
+    print(
+        f"tiny Llama hidden={hidden}, {layers} layers, vocab {model.config.vocab_size}, LoRA r=16 all-linear, "
+        f"batch {batch} x {inputs['input_ids'].size(1)} tokens ({completion_tokens} completion tokens), "
+        f"{repeats} interleaved repeats, {threads} torch thread(s)"
+    )
+    print(f"one no-grad forward of the batch: {fwd * 1e3:.1f} CPU ms; teacher adapter: {teacher_mib:.2f} MiB")
+    print(f"{'variant':<28} {'min step (CPU ms)':>17} {'median (ms)':>12} {'ratio':>7} {'extra (forwards)':>17}")
     ratios = {}
-    for name in VARIANTS:
-        best, median = min(times[name]), statistics.median(times[name])
-        ratios[name] = best / base
-        extra = (best - base) / forward
-        print(
-            f"{name:<20} {best * 1e3:>14.1f} {median * 1e3:>12.1f} {best / base:>7.3f} {extra:>17.2f} "
-            f"{memory[name] / 2**20:>12.3f}"
-        )
+    for name in [*variants, "distill every 4 (amortised)"]:
+        ratios[name] = best[name] / base
+        extra = (best[name] - base) / fwd
+        print(f"{name:<28} {best[name] * 1e3:>17.1f} {median[name] * 1e3:>12.1f} {ratios[name]:>7.3f} {extra:>17.2f}")
     return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is the work itself)")
     args = parser.parse_args()
-    compare_step_times(args.hidden, args.steps, args.repeats)
+    compare_step_times(args.hidden, args.layers, args.batch, args.length, args.repeats, args.top_k, args.threads)
 
 
 if __name__ == "__main__":
