@@ -1,0 +1,333 @@
+"""A moving DPO reference for LoRA: the ``"ref"`` adapter follows an average of the policy adapter.
+
+TRL's ``DPOTrainer`` computes the reference log-probs of a PeftModel with the adapter named
+``"ref"`` when the model has one (``use_adapter(model, "ref")``, TRL 1.9 and 1.16), so the
+reference policy is *base model + "ref" adapter*. :class:`AveragedReferenceCallback` keeps its own
+running average of the policy adapter ``"default"`` (BEMA, EMA, ... or TR-DPO's mixup) and writes
+it into ``"ref"`` every ``ref_update_every`` optimizer steps:
+
+    ref_t = θ̂_s,   s = the last sync step ≤ t   (θ̂ = the averaged policy adapter)
+
+The frozen base weights are never written (unlike TRL's experimental BEMA-for-reference), and
+no second copy of the base model exists. Under DeepSpeed ZeRO the ``"ref"`` parameters are
+partitioned like the policy's, and each rank writes its own partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ...config.dpo_reference import DPOReferenceConfig
+from ...export import ADAPTER_WEIGHTS, is_peft_model
+from ...persistence import atomic_directory, read_state, write_state
+from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
+from ..parallel import build_layout, zero_stage
+from .callback import unwrap_model
+from .resume import checkpoint_folder, find_resume_checkpoint
+
+logger = logging.getLogger(__name__)
+
+POLICY_ADAPTER = "default"
+REFERENCE_ADAPTER = "ref"
+#: checkpoint sub-folder: the reference adapter (PEFT format) + the averager state
+REFERENCE_FOLDER = "dpo_reference"
+_REFERENCE_KEY = "reference/"
+
+
+# --------------------------------------------------------------------------- the "ref" adapter
+def add_reference_adapter(model: nn.Module, peft_config: Any = None) -> nn.Module:
+    """Return a PeftModel that has a frozen ``"ref"`` adapter, a copy of ``"default"``.
+
+    ``model`` is a PeftModel, or a plain model together with ``peft_config`` (it is wrapped with
+    ``get_peft_model``). Idempotent: an existing ``"ref"`` adapter is kept. The base weights
+    are not touched. Call it on the trainer's model (``add_reference_adapter(trainer.model)``), or
+    let :func:`trl_ema_plugin.attach` do it: TRL's ``DPOTrainer`` adds ``"ref"`` itself when it is
+    given a PeftModel, and TRL 1.16 refuses a PeftModel that already has one.
+    """
+    if not is_peft_model(model):
+        if peft_config is None:
+            raise ValueError(
+                "add_reference_adapter() needs a PeftModel, or a plain model together with peft_config=LoraConfig(...)"
+            )
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    elif peft_config is not None:
+        raise ValueError("add_reference_adapter() got a PeftModel and a peft_config; pass only one of them")
+    if POLICY_ADAPTER not in model.peft_config:
+        raise ValueError(
+            f"the PeftModel has no {POLICY_ADAPTER!r} adapter (it has {sorted(model.peft_config)}); "
+            f"TRL's DPOTrainer trains {POLICY_ADAPTER!r} and reads the reference from {REFERENCE_ADAPTER!r}"
+        )
+    if REFERENCE_ADAPTER in model.peft_config:
+        return model
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config[POLICY_ADAPTER])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f".{POLICY_ADAPTER}." in name:
+                twin = model.get_parameter(name.replace(f".{POLICY_ADAPTER}.", f".{REFERENCE_ADAPTER}."))
+                twin.copy_(param)
+                twin.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------ callback
+class AveragedReferenceCallback(TrainerCallback):
+    """Make the DPO reference ``"ref"`` adapter an averaged copy of the policy adapter.
+
+    ``DPOTrainer(model=peft_model, ..., callbacks=[AveragedReferenceCallback(method="bema",
+    update_every=1, ref_update_every=32)])``. Arguments are the fields of
+    :class:`~trl_ema_plugin.config.dpo_reference.DPOReferenceConfig`. Standalone: it keeps its own
+    average, independent of ``WeightAveragingCallback``. Refused with a clear error:
+    ``precompute_ref_log_probs=True`` (a precomputed reference cannot move), ``sync_ref_model=True``
+    (TRL's own reference sync), a separate ``ref_model``, and a model that is not a PeftModel.
+
+    Checkpoints get ``checkpoint-N/dpo_reference/`` (the averager state and the reference values),
+    restored on resume; the trainer itself writes the reference adapter to ``checkpoint-N/ref/``,
+    loadable with ``PeftModel.from_pretrained``.
+    """
+
+    def __init__(self, method: str | None = None, *, config: DPOReferenceConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and (method is not None or kwargs):
+            raise ValueError("pass either config=DPOReferenceConfig(...) or its fields, not both")
+        if config is None:
+            config = DPOReferenceConfig(**({"method": method} if method is not None else {}), **kwargs)
+        self.config = config
+        self.weights: AveragedWeights | None = None
+        self.policy: ShadowLayout | None = None
+        self.reference: ShadowLayout | None = None
+        self.model: nn.Module | None = None
+        self.trainer: Any = None  # set by attach()
+        self.resume_from_checkpoint: str | bool | None = None  # set by attach()
+        self.last_sync_step: int | None = None
+
+    # -------------------------------------------------------------------- checks
+    def attach_to(self, trainer: Any) -> None:
+        """Called by :func:`trl_ema_plugin.attach`: checks the trainer and adds ``"ref"`` if it is missing.
+
+        Adding it here, before ``trainer.train()`` builds the DeepSpeed engine, lets ZeRO-3
+        partition the reference adapter like the policy.
+        """
+        self.trainer = trainer
+        check_arguments(trainer.args)
+        if getattr(trainer, "ref_model", None) is not None:
+            raise ValueError(
+                "AveragedReferenceCallback drives the 'ref' adapter of the policy PeftModel, but the trainer was "
+                "given a separate ref_model, which DPOTrainer would use instead; drop ref_model=..."
+            )
+        model = unwrap_model(trainer.model)
+        require_peft_model(model)
+        add_reference_adapter(model)
+
+    # ----------------------------------------------------------------- training
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module = None,
+        **kwargs: Any,
+    ) -> None:
+        check_arguments(args)
+        self.setup(model, args)
+        resume = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
+        if resume is not None:
+            if zero_stage(args) is None:
+                restore_policy_adapter(self.model, resume)
+            self.load(resume)
+        if self.weights is not None:
+            self.weights.step(state.global_step)
+        self._warn_if_never_synced(state.max_steps)
+
+    def setup(self, model: nn.Module, args: TrainingArguments) -> None:
+        """Find (or add) the ``"ref"`` adapter and build the policy/reference layouts and the averager."""
+        model = unwrap_model(model)
+        require_peft_model(model)
+        if REFERENCE_ADAPTER not in model.peft_config:
+            if zero_stage(args) == 3:
+                raise ValueError(
+                    "the model has no 'ref' adapter, and under ZeRO-3 it must exist before the DeepSpeed engine is "
+                    "built: pass a PeftModel to DPOTrainer (TRL then adds 'ref'), or call trl_ema_plugin.attach(trainer) "
+                    "before trainer.train()"
+                )
+            add_reference_adapter(model)  # before any optimizer step, so "default" still holds θ_0
+        self.model = model
+        named = trainable_parameters(model)
+        names = [n for n, _ in named]
+        self.policy = build_layout(named, args)
+        self.reference = build_layout(
+            parameters_by_name(model, adapter_twin_names(names, POLICY_ADAPTER, REFERENCE_ADAPTER)), args
+        )
+        if self.policy.local_sizes() != self.reference.local_sizes():
+            raise ValueError("the 'ref' adapter is not shaped like the policy adapter 'default'")
+        spec = self.config.averager_spec()
+        device = torch.device("cpu") if self.config.offload else None
+        self.weights = None if spec is None else AveragedWeights(spec, self.policy, device)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        step = state.global_step
+        if self.weights is not None:
+            self.weights.step(step)
+        if self.config.is_sync_step(step):
+            self.sync(step)
+
+    @torch.no_grad()
+    def sync(self, step: int) -> None:
+        """ref ← θ̂_step (this rank's partition; the next forward on every rank sees it)."""
+        assert self.policy is not None and self.reference is not None
+        if self.weights is None:  # TR-DPO hard update
+            values = self.policy.local_tensors()
+        elif not self.weights.averager.started:
+            return
+        else:
+            values = self.weights.average_local(step)
+        live = self.reference.local_tensors()
+        self.reference.write_local([v.to(dtype=r.dtype, device=r.device) for v, r in zip(values, live, strict=True)])
+        self.last_sync_step = step
+
+    def _warn_if_never_synced(self, max_steps: int) -> None:
+        if max_steps <= 0:
+            return
+        first = self.config.first_sync_step()
+        spec = self.config.averager_spec()
+        message = None
+        if first > max_steps:
+            message = (
+                f"the DPO reference will never move: its first sync is at step {first} (ref_update_every/"
+                f"ref_model_sync_steps={self.config.sync_every}, update_after={self.config.starts_at}), but training "
+                f"stops at step {max_steps}; the reference stays the initial adapter"
+            )
+        elif spec is not None and spec.first_update_step() > max_steps:
+            message = (
+                f"the DPO reference averager will never update: it starts at step update_after={spec.update_after} "
+                f"and updates every update_every={spec.cadence} steps, but training stops at step {max_steps}; every "
+                f"sync writes the policy adapter of step {spec.update_after}. Lower update_every (alias update_freq)."
+            )
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
+
+    # ------------------------------------------------------------------- views
+    @torch.no_grad()
+    def reference_tensors(self) -> dict[str, Tensor]:
+        """Full ``"ref"`` adapter tensors by parameter name (collective under ZeRO)."""
+        assert self.reference is not None
+        full = self.reference.gather([t.clone() for t in self.reference.local_tensors()])
+        return dict(zip(self.reference.names, full, strict=True))
+
+    def memory_bytes(self) -> int:
+        """fp32 averager state held by this rank (the ``"ref"`` adapter itself is one more adapter)."""
+        return 0 if self.weights is None else self.weights.memory_bytes()
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.reference is not None:
+            self.save(checkpoint_folder(args, state.global_step), state.global_step, state.is_world_process_zero)
+
+    def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
+        """Write ``parent/dpo_reference/`` (``averager_state.*``, format of :mod:`~trl_ema_plugin.persistence`,
+        plus the ``"ref"`` tensors under ``reference/<name>``). Collective: call on every rank; ``writer`` writes."""
+        reference = self.reference_tensors()
+        tensors = {f"{_REFERENCE_KEY}{n}": t.detach().to("cpu").contiguous() for n, t in reference.items()}
+        averager = None
+        if self.weights is not None:
+            tensors.update(self.weights.state_tensors())
+            averager = self.weights.state_metadata()
+        if not writer:
+            return
+        metadata = {
+            "dpo_reference": self.config.model_dump(mode="json"),
+            "averager": averager,
+            "last_sync_step": self.last_sync_step,
+        }
+        # no adapter_model.safetensors here: the trainer would load this folder as an adapter on resume
+        with atomic_directory(Path(parent) / REFERENCE_FOLDER) as folder:
+            write_state(folder, tensors, metadata, global_step)
+
+    @torch.no_grad()
+    def load(self, checkpoint: str | os.PathLike[str]) -> None:
+        """Restore the reference adapter and the averager from ``checkpoint/dpo_reference/`` (every rank)."""
+        assert self.reference is not None
+        folder = Path(checkpoint) / REFERENCE_FOLDER
+        if not folder.is_dir():
+            message = (
+                f"resuming from {checkpoint}, which holds no {REFERENCE_FOLDER}/; the DPO reference restarts "
+                "from the current policy adapter"
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
+            self.reference.write_local([t.clone() for t in self.policy.local_tensors()])
+            return
+        tensors, metadata = read_state(folder)
+        keys = [f"{_REFERENCE_KEY}{n}" for n in self.reference.names]
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise ValueError(
+                f"{folder} lacks reference tensors, e.g. {missing[0]!r}; was it written for another model?"
+            )
+        live = self.reference.local_tensors()
+        parts = self.reference.local_part([tensors[k] for k in keys])
+        self.reference.write_local([p.to(dtype=r.dtype, device=r.device) for p, r in zip(parts, live, strict=True)])
+        if self.weights is not None:
+            if metadata.get("averager") is None:
+                raise ValueError(f"{folder} holds no averager state, but this run averages with {self.config.method!r}")
+            self.weights.load_state(tensors, metadata["averager"])
+        self.last_sync_step = metadata.get("last_sync_step")
+
+
+# ------------------------------------------------------------------------------------ helpers
+@torch.no_grad()
+def restore_policy_adapter(model: nn.Module, checkpoint: str | os.PathLike[str]) -> bool:
+    """Load ``checkpoint/adapter_model.safetensors`` into ``"default"`` if the trainer did not.
+
+    With adapter sub-folders in a checkpoint (``ref/``, written because the model has a ``"ref"``
+    adapter), transformers 5.16 (Axolotl 0.19's pin) loads only the sub-folders on resume and
+    leaves the policy adapter at its initial values; plain TRL DPO resumes are affected too.
+    transformers 5.24 loads it. Returns whether anything was restored.
+    """
+    path = Path(checkpoint) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return False
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    current = get_peft_model_state_dict(model, adapter_name=POLICY_ADAPTER)
+    if saved.keys() == current.keys() and all(torch.equal(current[k], saved[k].to(current[k])) for k in saved):
+        return False
+    set_peft_model_state_dict(model, saved, adapter_name=POLICY_ADAPTER)
+    message = f"the trainer did not restore the policy adapter from {path} on resume; loaded it into {POLICY_ADAPTER!r}"
+    warnings.warn(message, UserWarning, stacklevel=2)
+    logger.warning(message)
+    return True
+
+
+def require_peft_model(model: nn.Module) -> None:
+    if not is_peft_model(model):
+        raise ValueError(
+            "AveragedReferenceCallback needs a PEFT (LoRA) policy: the reference is the base model plus the 'ref' "
+            f"adapter; got {type(model).__name__}. Pass get_peft_model(model, LoraConfig(...)) or peft_config=..."
+        )
+
+
+def check_arguments(args: Any) -> None:
+    """Refuse DPO settings under which the reference cannot follow the average."""
+    if getattr(args, "precompute_ref_log_probs", False):
+        raise ValueError(
+            "AveragedReferenceCallback moves the reference during training, but precompute_ref_log_probs=True "
+            "computes the reference log-probs once, before training; set precompute_ref_log_probs=False"
+        )
+    if getattr(args, "sync_ref_model", False):
+        raise ValueError(
+            "sync_ref_model=True is TRL's own reference update (TR-DPO), which does not support PEFT; with "
+            "AveragedReferenceCallback set sync_ref_model=False and use method='tr_dpo' with ref_model_sync_steps "
+            "and ref_model_mixup_alpha for the same rule"
+        )
