@@ -13,11 +13,16 @@ import yaml
 from pydantic import ValidationError
 
 from trl_ema_plugin.config import AveragerSpec, WeightAveragingConfig
+from trl_ema_plugin.config.distillation import SelfDistillationConfig
 from trl_ema_plugin.config.flat_keys import (
+    FAMILIES,
+    SELF_DISTILLATION,
     WEIGHT_AVERAGING,
     check_flat_keys,
     flat_args_model,
+    flat_from_config,
     flat_from_weight_averaging_config,
+    self_distillation_config_from_flat,
     weight_averaging_config_from_flat,
 )
 from trl_ema_plugin.config.flat_table import config_table_markdown
@@ -25,8 +30,14 @@ from trl_ema_plugin.integrations.trl import WeightAveragingCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_configs"
-GPU_EXAMPLES = ["sft_lora_bema.yml", "dpo_bema.yml", "zero3_lora_bema.yml"]
-CPU_EXAMPLES = ["cpu/sft_lora_bema.yml", "cpu/dpo_bema.yml"]
+GPU_EXAMPLES = ["sft_lora_bema.yml", "dpo_bema.yml", "zero3_lora_bema.yml", "sft_lora_bema_self_distill.yml"]
+CPU_EXAMPLES = [
+    "cpu/sft_lora_bema.yml",
+    "cpu/dpo_bema.yml",
+    "cpu/zero3_lora_bema.yml",
+    "cpu/sft_lora_bema_self_distill.yml",
+]
+OUR_PREFIXES = ("weight_averaging", "self_distillation")
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 
 
@@ -106,7 +117,7 @@ def test_every_config_field_has_exactly_one_key():
             key = f"weight_averaging_{name}"
             assert keys[key].python == name and keys[key].model is model
     assert keys["weight_averaging_update_freq"].alias_of == "weight_averaging_update_every"
-    expected = {"weight_averaging", *keys}
+    expected = {key for family, _ in FAMILIES.values() for key in family.all_keys}
     args = flat_args_model()
     assert set(args.model_fields) == expected
     assert all(f.default is None for f in args.model_fields.values())  # unset keys stay out of Axolotl's dump
@@ -239,9 +250,10 @@ def test_example_configs_pass_axolotl_validation(name):
     """The GPU YAMLs are validated offline, as Axolotl would on an H100 (no download, no training)."""
     cfg = load_yaml(EXAMPLES / name)
     validated = _axolotl_validate(cfg, gpu=not name.startswith("cpu/"))
-    ours = {k: v for k, v in validated.items() if k.startswith("weight_averaging")}
-    assert ours == {k: v for k, v in cfg.items() if k.startswith("weight_averaging")}
+    ours = {k: v for k, v in validated.items() if k.startswith(OUR_PREFIXES)}
+    assert ours == {k: v for k, v in cfg.items() if k.startswith(OUR_PREFIXES)}
     assert weight_averaging_config_from_flat(validated) == weight_averaging_config_from_flat(cfg)
+    assert self_distillation_config_from_flat(validated) == self_distillation_config_from_flat(cfg)
 
 
 @pytest.mark.axolotl
@@ -250,9 +262,81 @@ def test_example_configs_pass_axolotl_validation(name):
 )
 def test_axolotl_validation_rejects_bad_keys_with_our_message(cfg, fragments):
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")
-    base = {k: v for k, v in base.items() if not k.startswith("weight_averaging")}
+    base = {k: v for k, v in base.items() if not k.startswith(OUR_PREFIXES)}
     with pytest.raises(ValidationError) as info:
         _axolotl_validate({**base, **cfg}, gpu=False)
     assert "AxolotlInputConfig" in str(info.value)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+# ------------------------------------------------------------------------------ self-distillation
+AVERAGING = {
+    "weight_averaging": True,
+    "weight_averaging_averagers": [{"method": "bema"}, {"name": "ema_9", "decay": 0.9}],
+}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SelfDistillationConfig(lambda_=0.3, temperature=2.0, warmup_steps=5),
+        SelfDistillationConfig(weight=0.1, teacher="ema_9", divergence="generalized_jsd", beta=0.25, top_k=8),
+        SelfDistillationConfig(divergence="reverse_kl", distill_every=2, adapter_name="teacher"),
+    ],
+)
+def test_self_distillation_round_trip(config):
+    flat = flat_from_config(SELF_DISTILLATION, config)
+    assert flat["self_distillation"] is True
+    assert "self_distillation_lambda" in flat or "lambda_" not in config.model_fields_set
+    back = self_distillation_config_from_flat(yaml.safe_load(yaml.safe_dump({**AVERAGING, **flat})))
+    assert back == config
+
+
+def test_self_distillation_alias_and_spelling():
+    config = self_distillation_config_from_flat(
+        {**AVERAGING, "self_distillation": True, "self_distillation_weight": 0.2}
+    )
+    assert config.lambda_ == 0.2
+    assert self_distillation_config_from_flat(AVERAGING) is None
+
+
+SELF_DISTILLATION_BAD = [
+    ({"self_distillation": True}, "self_distillation: true needs weight_averaging: <method>"),
+    (
+        {**AVERAGING, "self_distillation": True, "self_distillation_teacher": "ema"},
+        "self_distillation_teacher: 'ema' names no averager (allowed: bema | ema_9)",
+    ),
+    (
+        {**AVERAGING, "self_distillation": True, "self_distillation_lambda": 1, "self_distillation_weight": 1},
+        "self_distillation_lambda, self_distillation_weight: set one of them",
+    ),
+    (
+        {**AVERAGING, "self_distillation": True, "self_distillation_beta": 0.3},
+        "self_distillation: self_distillation_beta applies only to self_distillation_divergence='generalized_jsd'",
+    ),
+    (
+        {**AVERAGING, "self_distillation": True, "self_distillation_divergence": "kl"},
+        "self_distillation_divergence='kl': Input should be 'forward_kl', 'reverse_kl' or 'generalized_jsd'",
+    ),
+    ({**AVERAGING, "self_distillation": True, "self_distillation_temperature": 0}, "allowed: number > 0.0"),
+    ({**AVERAGING, "self_distillation_lambda": 1}, "self_distillation_lambda: set without self_distillation"),
+    ({**AVERAGING, "self_distillation": True, "self_distillation_lamda": 1}, "did you mean self_distillation_lambda?"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "fragment"), SELF_DISTILLATION_BAD, ids=[str(i) for i in range(len(SELF_DISTILLATION_BAD))]
+)
+def test_self_distillation_errors_name_the_yaml_key(cfg, fragment):
+    with pytest.raises(ValueError) as info:
+        check_flat_keys(cfg)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.axolotl
+def test_axolotl_validation_self_distillation_needs_a_peft_adapter():
+    base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema_self_distill.yml")
+    base = {k: v for k, v in base.items() if not k.startswith("lora_") and k != "adapter"}
+    with pytest.raises(ValidationError, match=r"self_distillation: true needs adapter: lora \| qlora"):
+        _axolotl_validate(base, gpu=False)

@@ -147,6 +147,25 @@ def test_sft_lora_bema_then_ema_export(workspace):
         torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sft_self_distillation_from_the_bema_teacher(workspace):
+    config = CPU_CONFIGS / "sft_lora_bema_self_distill.yml"
+    cfg = yaml.safe_load(config.read_text())
+    axolotl("train", str(config), cwd=workspace)
+    run = workspace / cfg["output_dir"]
+    history = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "loss" in h]
+    assert [h["step"] for h in steps] == list(range(1, cfg["max_steps"] + 1))
+    warmup = cfg["self_distillation_warmup_steps"]
+    for h in steps:  # log step s is global_step s - 1 during the forward
+        assert h["loss"] == pytest.approx(h["loss/task"] + h["loss/distill"], abs=2e-5)
+        if h["step"] - 1 < warmup:
+            assert h["loss/distill"] == 0.0
+        else:
+            assert h["loss/distill"] > 0.0
+    # the averaged adapter is still BEMA of the (distilled) trajectory; the teacher adapter is not exported
+    assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
+
+
 def test_dpo_bema(workspace):
     config = CPU_CONFIGS / "dpo_bema.yml"
     cfg = yaml.safe_load(config.read_text())

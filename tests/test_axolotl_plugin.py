@@ -65,3 +65,28 @@ def test_no_keys_no_callbacks(tmp_path, model, tokenizer, sft_data):
     assert plugin.add_callbacks_post_trainer(DictDefault({"learning_rate": 0.1}), trainer) == []
     plugin.post_trainer_create(DictDefault({}), trainer)  # nothing of ours on the trainer: a no-op
     assert not any(hasattr(cb, "attach_to") for cb in trainer.callback_handler.callbacks)
+
+
+def test_self_distillation_keys_add_the_loss_hook(tmp_path, model, tokenizer, sft_data):
+    from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
+
+    plugin = load_plugin(PLUGIN)
+    cfg = DictDefault(
+        {
+            "adapter": "lora",
+            "weight_averaging": "bema",
+            "weight_averaging_update_every": 1,
+            "self_distillation": True,
+            "self_distillation_weight": 0.25,
+            "self_distillation_temperature": 2.0,
+        }
+    )
+    trainer = sft_trainer(tmp_path, model, tokenizer, sft_data)
+    callbacks = plugin.add_callbacks_post_trainer(cfg, trainer)
+    assert [type(cb) for cb in callbacks] == [WeightAveragingCallback, SelfDistillationCallback]
+    assert (callbacks[1].config.lambda_, callbacks[1].config.temperature) == (0.25, 2.0)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    plugin.post_trainer_create(cfg, trainer)
+    assert callbacks[1].trainer is trainer and callbacks[1].averaging is callbacks[0]
+    assert "ema_teacher" in trainer.model.peft_config  # the teacher: a second adapter, added before training

@@ -33,6 +33,7 @@ from pydantic.fields import FieldInfo
 
 from ..averagers.registry import hyperparameter_names, registered_methods
 from .averaging import AveragerSpec, WeightAveragingConfig
+from .distillation import SelfDistillationConfig
 
 
 # --------------------------------------------------------------------------------- keys
@@ -207,14 +208,15 @@ def unknown_keys_error(unknown: list[str], family: FlatFamily) -> ValueError:
 def _yaml_names(message: str, family: FlatFamily) -> str:
     """Spell the model's field names as YAML keys in a model-level message (``lag`` → ``weight_averaging_lag``).
 
-    Names with an underscore are replaced wherever they stand alone; plain words only before ``=``.
+    Names with an underscore are replaced wherever they stand alone; plain words only before ``=``
+    or as the message's first word (``beta applies only to ...``).
     """
     fields = {k.argument: k.yaml for k in family.keys.values()}
 
     def replace(match: re.Match[str]) -> str:
         word = match.group(1)
-        is_assignment = message[match.end() : match.end() + 1] == "="
-        return fields[word] if word in fields and ("_" in word or is_assignment) else word
+        unambiguous = "_" in word or message[match.end() : match.end() + 1] == "=" or match.start() == 0
+        return fields[word] if word in fields and unambiguous else word
 
     return re.sub(r"(?<![\w.'\"])([A-Za-z_][A-Za-z0-9_]*)(?![\w'\"])", replace, message)
 
@@ -397,10 +399,46 @@ def flat_from_weight_averaging_config(config: WeightAveragingConfig) -> dict[str
     return out
 
 
+# -------------------------------------------------------------------- self-distillation
+SELF_DISTILLATION = FlatFamily(
+    prefix="self_distillation",
+    models=(SelfDistillationConfig,),
+    description="true: add λ·τ²·D(student ‖ averaged teacher) to the loss (needs weight_averaging); false or unset: off",
+    aliases={"weight": "lambda_"},
+)
+
+
+def self_distillation_config_from_flat(cfg: Mapping[str, Any] | Any) -> SelfDistillationConfig | None:
+    """The :class:`SelfDistillationConfig` that ``self_distillation*`` keys describe, or None when off.
+
+    The teacher is one of the averagers of ``weight_averaging``, so that feature must be on and
+    ``self_distillation_teacher`` (when set) must name one of its averagers.
+    """
+    config = config_from_flat(SELF_DISTILLATION, cfg)
+    if config is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        averaging = weight_averaging_config_from_flat(cfg)
+    if averaging is None:
+        raise _value_error(
+            SELF_DISTILLATION.prefix,
+            f"true needs {WEIGHT_AVERAGING.prefix}: <method> (the teacher is an averager; allowed: "
+            f"{' | '.join(registered_methods())})",
+        )
+    names = [spec.label for spec in averaging.averagers]
+    if config.teacher is not None and config.teacher not in names:
+        raise _value_error(
+            SELF_DISTILLATION.key("teacher"), f"{config.teacher!r} names no averager (allowed: {' | '.join(names)})"
+        )
+    return config
+
+
 # ----------------------------------------------------------------- registry and checks
 #: every feature's keys, with the function that turns them into its config object
 FAMILIES: dict[str, tuple[FlatFamily, Callable[[Any], Any]]] = {
     WEIGHT_AVERAGING.prefix: (WEIGHT_AVERAGING, weight_averaging_config_from_flat),
+    SELF_DISTILLATION.prefix: (SELF_DISTILLATION, self_distillation_config_from_flat),
 }
 
 

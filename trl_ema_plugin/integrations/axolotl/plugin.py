@@ -2,11 +2,13 @@
 
 Hooks, in the order Axolotl calls them:
 
-* ``get_input_args``: the pydantic model of our keys (validated with Axolotl's config);
+* ``get_input_args``: the pydantic model of our keys, validated with Axolotl's config;
 * ``add_callbacks_post_trainer(cfg, trainer)``: a :class:`WeightAveragingCallback` built from
-  :func:`weight_averaging_config_from_flat` (SFT and ``rl: dpo`` alike);
-* ``post_trainer_create(cfg, trainer)``: :func:`trl_ema_plugin.attach` hands the trainer to
-  every feature's callback (full averaged evaluation metrics, resume from any path).
+  the ``weight_averaging*`` keys and a :class:`SelfDistillationCallback` from the
+  ``self_distillation*`` keys (SFT and ``rl: dpo`` alike);
+* ``post_trainer_create(cfg, trainer)``: :func:`trl_ema_plugin.attach` hands the trainer to every
+  feature's callback (full averaged evaluation metrics, resume from any path, the teacher adapter
+  and the distillation loss term), before ``trainer.train()`` builds a DeepSpeed engine.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from ...config.flat_keys import weight_averaging_config_from_flat
+from ...config.flat_keys import self_distillation_config_from_flat, weight_averaging_config_from_flat
 from ..trl import WeightAveragingCallback, attach
+from ..trl.distillation import SelfDistillationCallback
 from .args import ARGS_PATH
 
 logger = logging.getLogger(__name__)
 
 
 class WeightAveragingPlugin(BasePlugin):
-    """EMA/BEMA/DEMA/OUEMA weight averaging for ``axolotl train``, configured by ``weight_averaging*`` keys."""
+    """EMA/BEMA/DEMA/OUEMA weight averaging and self-distillation for ``axolotl train``, set by YAML keys."""
 
     def get_input_args(self) -> str:
         return ARGS_PATH
@@ -36,6 +39,10 @@ class WeightAveragingPlugin(BasePlugin):
             names = ", ".join(f"{s.label} ({s.method})" for s in averaging.averagers)
             logger.info("trl_ema_plugin: weight averaging with %s", names)
             callbacks.append(WeightAveragingCallback(config=averaging))
+        distillation = self_distillation_config_from_flat(cfg)
+        if distillation is not None:
+            logger.info("trl_ema_plugin: self-distillation, λ=%s, τ=%s", distillation.lambda_, distillation.temperature)
+            callbacks.append(SelfDistillationCallback(config=distillation))
         return callbacks
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:

@@ -169,16 +169,17 @@ class SelfDistillationCallback(TrainerCallback):
         report = accumulation if scaled else 1  # logged values are per micro-batch means, like the trainer's loss
         term = None
         if distill:
-            assert positions is not None
-            averaged_step = step
-            assert self.teacher is not None
-            self.teacher.refresh(averaged, averaged_step, trainer.args)
+            assert positions is not None and self.teacher is not None
+            self.teacher.refresh(averaged, step, trainer.args)
             total, count = self._divergence_sum(self.recorder.take(), positions)
-            term = (
-                self.config.lambda_ * total / self._denominator(count, scaled, num_items_in_batch, accumulation, loss)
-            )
-        self._log(TASK_KEY, float(loss.detach()) * report)
-        self._log(DISTILL_KEY, float(term.detach()) * report if term is not None else 0.0)
+            denominator = self._denominator(count, scaled, num_items_in_batch, accumulation, loss)
+            term = self.config.lambda_ * total / denominator
+        distilled = term.detach().float() if term is not None else torch.zeros((), device=loss.device)
+        task_value, distill_value = self._mean_over_ranks(
+            torch.stack([loss.detach().float().mean(), distilled]) * report
+        )
+        self._log(TASK_KEY, task_value)
+        self._log(DISTILL_KEY, distill_value)
         if term is not None:
             loss = loss + term.to(loss.dtype)
         return (loss, result[1]) if return_outputs else loss
@@ -222,10 +223,20 @@ class SelfDistillationCallback(TrainerCallback):
         return per_token.sum(), per_token.numel()
 
     # ------------------------------------------------------------------ logging
+    def _mean_over_ranks(self, values: Tensor) -> list[float]:
+        """The mean over processes (one all-gather; every rank computes the loss, so every rank calls it)."""
+        accelerator = getattr(self.trainer, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            values = accelerator.gather(values.unsqueeze(0)).mean(dim=0)
+        return values.tolist()
+
     def _log(self, key: str, value: float) -> None:
         metrics = getattr(self.trainer, "_metrics", None)
+        store = getattr(self.trainer, "store_metrics", None)  # Axolotl's trainers: averaged into the next log
         if isinstance(metrics, dict) and isinstance(metrics.get("train"), dict):
             metrics["train"].setdefault(key, []).append(value)
+        elif callable(store):
+            store({key: value}, train_eval="train")
         else:
             self._own_metrics[key].append(value)
 
