@@ -20,7 +20,8 @@ from ...config import AveragerSpec, WeightAveragingConfig
 from ...export import write_averaged_weights
 from ...persistence import atomic_directory, averager_folder, read_state, write_state
 from ...shadow import AveragedWeights, trainable_parameters
-from ..parallel import build_layout
+from ..parallel import build_layout, zero_stage
+from .checkpoint_adapters import drop_adapters, restore_policy_adapter
 from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
 from .resume import checkpoint_folder, find_resume_checkpoint
 
@@ -100,9 +101,18 @@ class WeightAveragingCallback(TrainerCallback):
         self._warn_if_never_updated(state.max_steps)
         resume = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
         if resume is not None:
+            self._repair_resumed_adapters(resume, args)
             self.load(resume)
         for weights in self.weights.values():
             weights.step(state.global_step)
+
+    def _repair_resumed_adapters(self, checkpoint: str, args: TrainingArguments) -> None:
+        """Drop the ``averaged*`` adapters transformers loaded from our folders; restore the policy adapter."""
+        if zero_stage(args) is not None:
+            return  # DeepSpeed resumes from its own files, not from adapter sub-folders
+        folders = [averager_folder(name, primary=i == 0) for i, name in enumerate(self.weights)]
+        drop_adapters(self.model, folders)
+        restore_policy_adapter(self.model, checkpoint, getattr(self.model, "active_adapter", "default"))
 
     def _check_evaluation_path(self, args: TrainingArguments) -> None:
         """Preference trainers have no labels for the loss-only pass: they need ``attach(trainer)``."""

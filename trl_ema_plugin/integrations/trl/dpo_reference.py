@@ -26,11 +26,12 @@ from torch import Tensor, nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ...config.dpo_reference import DPOReferenceConfig
-from ...export import ADAPTER_WEIGHTS, is_peft_model
+from ...export import is_peft_model
 from ...persistence import atomic_directory, read_state, write_state
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
 from ..parallel import build_layout, zero_stage
 from .callback import unwrap_model
+from .checkpoint_adapters import restore_policy_adapter
 from .resume import checkpoint_folder, find_resume_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -284,32 +285,6 @@ class AveragedReferenceCallback(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------------ helpers
-@torch.no_grad()
-def restore_policy_adapter(model: nn.Module, checkpoint: str | os.PathLike[str]) -> bool:
-    """Load ``checkpoint/adapter_model.safetensors`` into ``"default"`` if the trainer did not.
-
-    With adapter sub-folders in a checkpoint (``ref/``, written because the model has a ``"ref"``
-    adapter), transformers 5.16 (Axolotl 0.19's pin) loads only the sub-folders on resume and
-    leaves the policy adapter at its initial values; plain TRL DPO resumes are affected too.
-    transformers 5.24 loads it. Returns whether anything was restored.
-    """
-    path = Path(checkpoint) / ADAPTER_WEIGHTS
-    if not path.is_file():
-        return False
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path))
-    current = get_peft_model_state_dict(model, adapter_name=POLICY_ADAPTER)
-    if saved.keys() == current.keys() and all(torch.equal(current[k], saved[k].to(current[k])) for k in saved):
-        return False
-    set_peft_model_state_dict(model, saved, adapter_name=POLICY_ADAPTER)
-    message = f"the trainer did not restore the policy adapter from {path} on resume; loaded it into {POLICY_ADAPTER!r}"
-    warnings.warn(message, UserWarning, stacklevel=2)
-    logger.warning(message)
-    return True
-
-
 def require_peft_model(model: nn.Module) -> None:
     if not is_peft_model(model):
         raise ValueError(
