@@ -10,6 +10,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only oversubscribe the 2 cores
+
+
+def _deepspeed_extensions_dir() -> None:
+    """One build cache per DeepSpeed version: 0.18 and 0.19 overwrite each other's shm comm op otherwise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ds_version = version("deepspeed")
+    except PackageNotFoundError:
+        return
+    default = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"deepspeed-{ds_version}")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default)
+
+
+_deepspeed_extensions_dir()
 
 from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset, tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
