@@ -27,7 +27,16 @@ def _deepspeed_extensions_dir() -> None:
 
 _deepspeed_extensions_dir()
 
-from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset, tiny_llama, tiny_sft_dataset, tiny_tokenizer
+import torch  # noqa: E402
+
+from trl_ema_plugin.experiments.tiny import (  # noqa: E402
+    tiny_dpo_dataset,
+    tiny_llama,
+    tiny_sft_dataset,
+    tiny_tokenizer,
+)
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
