@@ -1,0 +1,101 @@
+"""SFTTrainer + LoRA + EMA-teacher self-distillation on the tiny model, under DeepSpeed ZeRO or in one process.
+
+Launched by tests/test_distillation_deepspeed.py as
+``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port P distill_zero.py --zero 3 --output_dir D``
+(2 ranks), or imported and called in-process for the 1-process twin (same global batch, same order).
+Rank 0 writes ``D/report.json``: the logged ``loss``, ``loss/task``, ``loss/distill``, the number of
+teacher forwards and the teacher's layout class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from trl import SFTConfig, SFTTrainer
+
+from trl_ema_plugin import WeightAveragingCallback, attach
+from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
+
+GLOBAL_BATCH = 4
+LEARNING_RATE = 2e-2
+
+
+def zero_config(stage: int, persistence: str) -> dict[str, Any]:
+    """A DeepSpeed config for CPU runs (small buckets); persistence "default" leaves DeepSpeed's 100,000."""
+    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": 1_000_000}
+    if stage == 3:
+        zero["stage3_prefetch_bucket_size"] = 1_000_000
+        if persistence != "default":
+            zero["stage3_param_persistence_threshold"] = int(persistence)
+    else:
+        zero.update(allgather_bucket_size=1_000_000, overlap_comm=False, contiguous_gradients=True)
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 1_000_000,
+    }
+
+
+def run(output_dir: str, zero: int | None = None, persistence: str = "default", max_steps: int = 3) -> dict[str, Any]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, seed=0)
+    torch.manual_seed(1)  # identical LoRA initialisation on every rank and in the twin
+    # init_lora_weights=False: random lora_B, so a teacher adapter that was never written differs from the student
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, lora)
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=GLOBAL_BATCH // world_size,
+        train_sampling_strategy="sequential",
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        max_length=48,
+        seed=0,
+        disable_tqdm=True,
+        deepspeed=zero_config(zero, persistence) if zero is not None else None,
+    )
+    distillation = SelfDistillationCallback(lambda_=1.0, temperature=2.0)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_sft_dataset(32, seed=0),
+        processing_class=tokenizer,
+        callbacks=[WeightAveragingCallback(method="ema", decay=0.5), distillation],
+    )
+    attach(trainer)
+    trainer.train()
+    history = trainer.state.log_history
+    report = {key: [entry[key] for entry in history if key in entry] for key in ("loss", "loss/task", "loss/distill")}
+    report.update(teacher_forwards=distillation.teacher_forwards, layout=type(distillation.teacher.layout).__name__)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(output_dir, "report.json"), "w") as handle:
+            json.dump(report, handle)
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--zero", type=int, default=None)
+    parser.add_argument("--persistence", default="default")
+    parser.add_argument("--max_steps", type=int, default=3)
+    options, _ = parser.parse_known_args()  # the launcher adds --local_rank
+    run(options.output_dir, options.zero, options.persistence, options.max_steps)
