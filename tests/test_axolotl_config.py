@@ -14,11 +14,14 @@ from pydantic import ValidationError
 
 from trl_ema_plugin.config import AveragerSpec, WeightAveragingConfig
 from trl_ema_plugin.config.distillation import SelfDistillationConfig
+from trl_ema_plugin.config.dpo_reference import DPOReferenceConfig
 from trl_ema_plugin.config.flat_keys import (
+    DPO_REFERENCE,
     FAMILIES,
     SELF_DISTILLATION,
     WEIGHT_AVERAGING,
     check_flat_keys,
+    dpo_reference_config_from_flat,
     flat_args_model,
     flat_from_config,
     flat_from_weight_averaging_config,
@@ -37,7 +40,7 @@ CPU_EXAMPLES = [
     "cpu/zero3_lora_bema.yml",
     "cpu/sft_lora_bema_self_distill.yml",
 ]
-OUR_PREFIXES = ("weight_averaging", "self_distillation")
+OUR_PREFIXES = ("weight_averaging", "self_distillation", "dpo_reference")
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 
 
@@ -254,6 +257,7 @@ def test_example_configs_pass_axolotl_validation(name):
     assert ours == {k: v for k, v in cfg.items() if k.startswith(OUR_PREFIXES)}
     assert weight_averaging_config_from_flat(validated) == weight_averaging_config_from_flat(cfg)
     assert self_distillation_config_from_flat(validated) == self_distillation_config_from_flat(cfg)
+    assert dpo_reference_config_from_flat(validated) == dpo_reference_config_from_flat(cfg)
 
 
 @pytest.mark.axolotl
@@ -340,3 +344,95 @@ def test_axolotl_validation_self_distillation_needs_a_peft_adapter():
     base = {k: v for k, v in base.items() if not k.startswith("lora_") and k != "adapter"}
     with pytest.raises(ValidationError, match=r"self_distillation: true needs adapter: lora \| qlora"):
         _axolotl_validate(base, gpu=False)
+
+
+# --------------------------------------------------------------------------------- DPO reference
+@pytest.mark.parametrize(
+    "config",
+    [
+        DPOReferenceConfig(method="bema", update_every=1, lag=2, ref_update_every=4),
+        DPOReferenceConfig(method="ema", decay=0.9, update_freq=2, offload=True),
+        DPOReferenceConfig(method="tr_dpo", ref_model_sync_steps=8, ref_model_mixup_alpha=1.0),
+        DPOReferenceConfig(),
+    ],
+    ids=["bema", "ema", "tr_dpo", "default"],
+)
+def test_dpo_reference_round_trip(config):
+    flat = flat_from_config(DPO_REFERENCE, config)
+    assert flat["dpo_reference"] in (config.method, True)
+    back = dpo_reference_config_from_flat(yaml.safe_load(yaml.safe_dump(flat)))
+    assert back == config
+
+
+DPO_REFERENCE_BAD = [
+    ({"dpo_reference": "bemx"}, "dpo_reference: 'bemx' is not allowed (allowed: bema | dema | ema | ouema | tr_dpo"),
+    (
+        {"dpo_reference": "bema", "dpo_reference_decay": 0.5},
+        "dpo_reference_decay do(es) not apply to dpo_reference='bema'",
+    ),
+    (
+        {"dpo_reference": "tr_dpo", "dpo_reference_lag": 2},
+        "dpo_reference_lag do(es) not apply to dpo_reference='tr_dpo'; it takes dpo_reference_ref_model_sync_steps",
+    ),
+    (
+        {"dpo_reference": "tr_dpo", "dpo_reference_ref_model_mixup_alpha": 0},
+        "dpo_reference_ref_model_mixup_alpha=0: Input should be greater than 0",
+    ),
+    ({"dpo_reference_lag": 2}, "dpo_reference_lag: set without dpo_reference"),
+    ({"dpo_reference": "ema", "dpo_reference_decy": 0.5}, "did you mean dpo_reference_decay?"),
+]
+
+
+@pytest.mark.parametrize(("cfg", "fragment"), DPO_REFERENCE_BAD, ids=[str(i) for i in range(len(DPO_REFERENCE_BAD))])
+def test_dpo_reference_errors_name_the_yaml_key(cfg, fragment):
+    with pytest.raises(ValueError) as info:
+        check_flat_keys(cfg)
+    assert fragment in str(info.value)
+
+
+def test_axolotl_only_checks_without_axolotl():
+    """The checks against Axolotl's own keys (no Axolotl import needed)."""
+    from trl_ema_plugin.integrations.axolotl.args import check_axolotl_keys
+
+    dpo = {"rl": "dpo", "adapter": "lora", "dpo_reference": "bema"}
+    check_axolotl_keys(dpo)
+    cases = [
+        ({**dpo, "rl": None}, "dpo_reference moves DPO's reference adapter and needs rl: dpo; got rl: None"),
+        ({**dpo, "adapter": None}, "dpo_reference needs adapter: lora | qlora"),
+        ({**dpo, "precompute_ref_log_probs": True}, "precompute_ref_log_probs: true computes its log-probs once"),
+        (
+            {**dpo, "trl": {"sync_ref_model": True}},
+            "write dpo_reference: tr_dpo with dpo_reference_ref_model_sync_steps",
+        ),
+        ({"self_distillation": True, "adapter": None}, "self_distillation: true needs adapter: lora | qlora"),
+    ]
+    for cfg, fragment in cases:
+        with pytest.raises(ValueError) as info:
+            check_axolotl_keys(cfg)
+        assert fragment in str(info.value)
+
+
+@pytest.mark.axolotl
+def test_axolotl_validation_dpo_reference_needs_dpo():
+    base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")  # an SFT run
+    with pytest.raises(ValidationError, match="dpo_reference moves DPO's reference adapter and needs rl: dpo"):
+        _axolotl_validate({**base, "dpo_reference": "bema"}, gpu=False)
+    dpo = load_yaml(EXAMPLES / "cpu" / "dpo_bema.yml")
+    with pytest.raises(ValidationError, match="precompute_ref_log_probs: true"):
+        _axolotl_validate({**dpo, "precompute_ref_log_probs": True}, gpu=False)
+
+
+def test_package_imports_without_axolotl():
+    """The keys, the args model and the package import on a stack without Axolotl; the plugin class needs it."""
+    import importlib.util
+
+    import trl_ema_plugin.integrations.axolotl as package
+    from trl_ema_plugin.integrations.axolotl.args import ARGS_PATH, TrlEmaPluginArgs
+
+    assert ARGS_PATH == "trl_ema_plugin.integrations.axolotl.args.TrlEmaPluginArgs"
+    assert "dpo_reference_ref_model_sync_steps" in TrlEmaPluginArgs.model_fields
+    if importlib.util.find_spec("axolotl") is None:
+        with pytest.raises(ModuleNotFoundError, match="axolotl"):
+            _ = package.WeightAveragingPlugin
+    else:
+        assert package.WeightAveragingPlugin.__name__ == "WeightAveragingPlugin"

@@ -175,6 +175,20 @@ def test_dpo_bema(workspace):
     assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
     assert_loads_with_peft_and_differs(workspace, run / "averaged", load_file(run / "adapter_model.safetensors"))
 
+    # dpo_reference_* (the same BEMA, synced every step): the trainer's "ref" adapter in each checkpoint
+    # equals the averaged policy of that step, and the starting policy θ_τ at step τ
+    same = ("update_every", "update_after", "lag", "ema_power")
+    assert all(cfg[f"dpo_reference_{k}"] == cfg[f"weight_averaging_{k}"] for k in same)
+    assert cfg["dpo_reference_ref_update_every"] == 1
+    for step in range(cfg["dpo_reference_update_after"], cfg["max_steps"] + 1):
+        reference = load_file(run / f"checkpoint-{step}" / "ref" / "adapter_model.safetensors")
+        averaged = load_file(run / f"checkpoint-{step}" / "averaged" / "adapter_model.safetensors")
+        assert reference.keys() == averaged.keys()
+        for key in averaged:
+            torch.testing.assert_close(reference[key], averaged[key], rtol=0, atol=1e-7)
+    state = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "dpo_reference" / "averager_state.json").read_text())
+    assert state["last_sync_step"] == cfg["max_steps"]
+
 
 def test_zero3_two_processes_bema(workspace):
     config = CPU_CONFIGS / "zero3_lora_bema.yml"

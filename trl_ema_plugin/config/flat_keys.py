@@ -34,6 +34,7 @@ from pydantic.fields import FieldInfo
 from ..averagers.registry import hyperparameter_names, registered_methods
 from .averaging import AveragerSpec, WeightAveragingConfig
 from .distillation import SelfDistillationConfig
+from .dpo_reference import DPOReferenceConfig, reference_methods
 
 
 # --------------------------------------------------------------------------------- keys
@@ -208,14 +209,19 @@ def unknown_keys_error(unknown: list[str], family: FlatFamily) -> ValueError:
 def _yaml_names(message: str, family: FlatFamily) -> str:
     """Spell the model's field names as YAML keys in a model-level message (``lag`` → ``weight_averaging_lag``).
 
-    Names with an underscore are replaced wherever they stand alone; plain words only before ``=``
-    or as the message's first word (``beta applies only to ...``).
+    Names with an underscore are replaced wherever they stand alone; plain words before ``=``, as
+    the message's first word (``beta applies only to ...``) or as an item of a comma list. The
+    switch's field is the switch key (``method='bema'`` → ``dpo_reference='bema'``).
     """
     fields = {k.argument: k.yaml for k in family.keys.values()}
+    if family.switch_field:
+        fields[family.switch_field] = family.prefix
 
     def replace(match: re.Match[str]) -> str:
-        word = match.group(1)
-        unambiguous = "_" in word or message[match.end() : match.end() + 1] == "=" or match.start() == 0
+        word, start, end = match.group(1), match.start(), match.end()
+        before, after = message[max(start - 2, 0) : start], message[end : end + 1]
+        in_list = before in (", ", ": ") and after in (",", ";", "")
+        unambiguous = "_" in word or after == "=" or start == 0 or in_list
         return fields[word] if word in fields and unambiguous else word
 
     return re.sub(r"(?<![\w.'\"])([A-Za-z_][A-Za-z0-9_]*)(?![\w'\"])", replace, message)
@@ -434,11 +440,32 @@ def self_distillation_config_from_flat(cfg: Mapping[str, Any] | Any) -> SelfDist
     return config
 
 
+# ------------------------------------------------------------------------- DPO reference
+DPO_REFERENCE = FlatFamily(
+    prefix="dpo_reference",
+    models=(DPOReferenceConfig,),
+    description=(
+        "the rule that moves DPO's 'ref' adapter: an averager of the policy adapter (bema | ema | dema | ouema, "
+        "or a registered name) or tr_dpo; true: bema; false or unset: off (TRL's frozen reference)"
+    ),
+    switch_field="method",
+    switch_values=reference_methods,
+    exclude=frozenset({(DPOReferenceConfig, "method")}),
+    aliases={"update_freq": "update_every"},
+)
+
+
+def dpo_reference_config_from_flat(cfg: Mapping[str, Any] | Any) -> DPOReferenceConfig | None:
+    """The :class:`DPOReferenceConfig` that ``dpo_reference*`` keys describe, or None when off."""
+    return config_from_flat(DPO_REFERENCE, cfg)
+
+
 # ----------------------------------------------------------------- registry and checks
 #: every feature's keys, with the function that turns them into its config object
 FAMILIES: dict[str, tuple[FlatFamily, Callable[[Any], Any]]] = {
     WEIGHT_AVERAGING.prefix: (WEIGHT_AVERAGING, weight_averaging_config_from_flat),
     SELF_DISTILLATION.prefix: (SELF_DISTILLATION, self_distillation_config_from_flat),
+    DPO_REFERENCE.prefix: (DPO_REFERENCE, dpo_reference_config_from_flat),
 }
 
 

@@ -2,8 +2,8 @@
 
 Axolotl mixes :class:`TrlEmaPluginArgs` into its own config model (``get_input_args`` returns
 this dotted path), so ``axolotl train`` validates our keys with the rest of the YAML and rejects
-bad values with a message naming the key. The checks that involve Axolotl's own keys (``adapter``)
-live here. No Axolotl import.
+bad values with a message naming the key. The checks that involve Axolotl's own keys (``adapter``,
+``rl``, ``precompute_ref_log_probs``, ``trl.sync_ref_model``) live here. No Axolotl import.
 """
 
 from __future__ import annotations
@@ -13,9 +13,44 @@ from typing import Any
 
 from pydantic import model_validator
 
-from ...config.flat_keys import SELF_DISTILLATION, flat_args_model
+from ...config.flat_keys import DPO_REFERENCE, SELF_DISTILLATION, flat_args_model
 
 PEFT_ADAPTERS = ("lora", "qlora")
+DPO_RL = ("dpo",)
+
+
+def check_axolotl_keys(data: Mapping[str, Any]) -> None:
+    """Refuse our features together with Axolotl settings they cannot work with (ValueError naming both)."""
+    adapter = data.get("adapter")
+    if data.get(SELF_DISTILLATION.prefix) and adapter not in PEFT_ADAPTERS:
+        raise ValueError(
+            f"{SELF_DISTILLATION.prefix}: true needs adapter: {' | '.join(PEFT_ADAPTERS)} (the teacher is a second "
+            f"adapter on the same base model); got adapter: {adapter}"
+        )
+    reference = data.get(DPO_REFERENCE.prefix)
+    if reference is None or reference is False:
+        return
+    rl = data.get("rl")
+    rl = getattr(rl, "value", rl)
+    if rl not in DPO_RL:
+        raise ValueError(f"{DPO_REFERENCE.prefix} moves DPO's reference adapter and needs rl: dpo; got rl: {rl}")
+    if adapter not in PEFT_ADAPTERS:
+        raise ValueError(
+            f"{DPO_REFERENCE.prefix} needs adapter: {' | '.join(PEFT_ADAPTERS)} (the reference is the 'ref' adapter "
+            f"on the same base model); got adapter: {adapter}"
+        )
+    if data.get("precompute_ref_log_probs"):
+        raise ValueError(
+            f"{DPO_REFERENCE.prefix} moves the reference during training, but precompute_ref_log_probs: true computes "
+            "its log-probs once, before training; remove one of them"
+        )
+    trl = data.get("trl")
+    if isinstance(trl, Mapping) and trl.get("sync_ref_model"):
+        raise ValueError(
+            f"{DPO_REFERENCE.prefix} and trl.sync_ref_model: true both move the reference; for TRL's rule write "
+            f"{DPO_REFERENCE.prefix}: tr_dpo with {DPO_REFERENCE.key('ref_model_sync_steps')} and "
+            f"{DPO_REFERENCE.key('ref_model_mixup_alpha')}"
+        )
 
 
 class TrlEmaPluginArgs(flat_args_model("TrlEmaPluginKeys", module=__name__)):
@@ -24,15 +59,8 @@ class TrlEmaPluginArgs(flat_args_model("TrlEmaPluginKeys", module=__name__)):
     @model_validator(mode="before")
     @classmethod
     def _trl_ema_plugin_check_axolotl_keys(cls, data: Any) -> Any:
-        if (
-            isinstance(data, Mapping)
-            and data.get(SELF_DISTILLATION.prefix)
-            and data.get("adapter") not in PEFT_ADAPTERS
-        ):
-            raise ValueError(
-                f"{SELF_DISTILLATION.prefix}: true needs adapter: {' | '.join(PEFT_ADAPTERS)} (the teacher is a second "
-                f"adapter on the same base model); got adapter: {data.get('adapter')}"
-            )
+        if isinstance(data, Mapping):
+            check_axolotl_keys(data)
         return data
 
 
