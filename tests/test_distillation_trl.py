@@ -278,3 +278,33 @@ def test_misuse_fails_clearly(tmp_path, tokenizer, model, sft_data):
         SelfDistillationCallback(temperature=0.0)
     with pytest.raises(ValueError, match="divergence"):
         SelfDistillationCallback(divergence="js")
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer, sft_data):
+    """BEMA updated every 2 steps, checkpoint at 3: the resumed teacher is rebuilt from the restored averager.
+
+    Checkpoints also hold the ``ema_teacher/`` adapter (PEFT saves every adapter); transformers loads
+    it back on resume, which must leave the teacher frozen and the student the only trainable adapter.
+    """
+    from trl_ema_plugin.experiments.tiny import tiny_llama
+
+    def make():
+        return sft_trainer(
+            tmp_path, tokenizer, tiny_llama(tokenizer), sft_data[0], max_steps=6, save_strategy="steps", save_steps=3,
+            averager={"method": "bema", "update_every": 2, "lag": 3.0}, distill={"lambda_": 1.0},
+        )  # fmt: skip
+
+    full, _, _ = make()
+    full.train()
+    assert (tmp_path / "out" / "checkpoint-3" / TEACHER / "adapter_model.safetensors").is_file()
+    expected = logged(full, "loss/distill")
+    import shutil
+
+    shutil.rmtree(tmp_path / "out" / "checkpoint-6")
+    resumed, _, distillation = make()
+    resumed.train(resume_from_checkpoint=True)
+    assert distillation.teacher_forwards == 3  # steps 3, 4, 5
+    assert expected[3] > 0
+    assert logged(resumed, "loss/distill") == pytest.approx(expected, rel=1e-5)
+    trainable = {n for n, p in resumed.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
