@@ -2,7 +2,11 @@
 
 from .averagers import BEMA, DEMA, EMA, OUEMA, Averager, register_averager, registered_methods
 from .config import AveragerSpec, WeightAveragingConfig
+from .config.distillation import SelfDistillationConfig
+from .config.dpo_reference import DPOReferenceConfig
 from .integrations.trl import WeightAveragingCallback, attach
+from .integrations.trl.distillation import SelfDistillationCallback
+from .integrations.trl.dpo_reference import AveragedReferenceCallback, add_reference_adapter
 from .shadow import AveragedWeights
 
 __version__ = "0.1.0"
@@ -12,11 +16,16 @@ __all__ = [
     "DEMA",
     "EMA",
     "OUEMA",
+    "AveragedReferenceCallback",
     "AveragedWeights",
     "Averager",
     "AveragerSpec",
+    "DPOReferenceConfig",
+    "SelfDistillationCallback",
+    "SelfDistillationConfig",
     "WeightAveragingCallback",
     "WeightAveragingConfig",
+    "add_reference_adapter",
     "attach",
     "register_averager",
     "registered_methods",
