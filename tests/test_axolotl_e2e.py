@@ -115,7 +115,7 @@ def assert_loads_with_peft_and_differs(workspace: Path, folder: Path, raw: dict[
     assert all(not torch.allclose(averaged[k], raw[k]) for k in averaged if raw[k].abs().sum() > 0)
 
 
-def test_sft_lora_bema_then_ema_export(workspace):
+def test_sft_lora_bema_ema_export_and_resume(workspace):
     config = CPU_CONFIGS / "sft_lora_bema.yml"
     cfg = yaml.safe_load(config.read_text())
     axolotl("train", str(config), cwd=workspace)
@@ -145,6 +145,16 @@ def test_sft_lora_bema_then_ema_export(workspace):
         module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
         expected = base[f"{module}.weight"] + scale * adapter[key.replace("lora_A", "lora_B")] @ adapter[key]
         torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6)
+
+    # resume from an explicit checkpoint path (Axolotl's resume_from_checkpoint -> trainer.train(...) -> attach):
+    # steps 4-6 run again; BEMA continues from the saved state, so the result is BEMA over θ_1..θ_3 (first run)
+    # and θ_4..θ_6 (resumed run), never a restart at step 3
+    resume = workspace / "resume.yml"
+    resume.write_text(yaml.safe_dump({**cfg, "resume_from_checkpoint": str(run / "checkpoint-3")}))
+    axolotl("train", str(resume), cwd=workspace)
+    assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
+    counters = json.loads((run / "averaged" / "averager_state.json").read_text())["counters"]
+    assert counters == {"started_at": 1, "num_updates": 5, "last_update_step": 6}
 
 
 def test_sft_self_distillation_from_the_bema_teacher(workspace):
