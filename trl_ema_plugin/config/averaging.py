@@ -21,6 +21,16 @@ TRL_DEFAULT_UPDATE_EVERY = 400
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def resolve_update_freq_alias(data: Any) -> Any:
+    """Map TRL's ``update_freq`` onto ``update_every``; both at once is an error."""
+    if isinstance(data, dict) and "update_freq" in data:
+        data = dict(data)
+        if data.get("update_every") is not None:
+            raise ValueError("pass either update_every or its alias update_freq, not both")
+        data["update_every"] = data.pop("update_freq")
+    return data
+
+
 class AveragerSpec(BaseModel):
     """One running average of the trainable weights.
 
@@ -54,12 +64,7 @@ class AveragerSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _update_freq_alias(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "update_freq" in data:
-            data = dict(data)
-            if data.get("update_every") is not None:
-                raise ValueError("pass either update_every or its alias update_freq, not both")
-            data["update_every"] = data.pop("update_freq")
-        return data
+        return resolve_update_freq_alias(data)
 
     @field_validator("method")
     @classmethod

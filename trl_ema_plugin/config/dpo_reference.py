@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..averagers.registry import averager_class, registered_methods
-from .averaging import AveragerSpec
+from .averaging import AveragerSpec, resolve_update_freq_alias
 
 TR_DPO = "tr_dpo"
 #: TRL ``DPOConfig`` defaults of the TR-DPO fields
@@ -105,12 +105,7 @@ class DPOReferenceConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _update_freq_alias(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "update_freq" in data:
-            data = dict(data)
-            if data.get("update_every") is not None:
-                raise ValueError("pass either update_every or its alias update_freq, not both")
-            data["update_every"] = data.pop("update_freq")
-        return data
+        return resolve_update_freq_alias(data)
 
     @field_validator("method")
     @classmethod
