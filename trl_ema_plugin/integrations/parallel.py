@@ -1,4 +1,11 @@
-"""Pick the shadow layout for the current process setup (single process, replicated, ZeRO-3)."""
+"""Pick the shadow layout for the current process setup (single process, replicated, ZeRO-3).
+
+The choice comes from the trainer's own configuration, with no user flag:
+
+* parameters partitioned by DeepSpeed (``p.ds_tensor``; ZeRO stage 3) → ``Zero3Layout``;
+* several processes with replicated parameters (ZeRO-0/1/2, DDP) → ``SlicedLayout``;
+* one process → :class:`~trl_ema_plugin.shadow.LocalLayout`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,42 @@ from torch import nn
 from ..shadow import LocalLayout, ShadowLayout
 
 
-def zero_stage(args: Any) -> int | None:
-    """DeepSpeed ZeRO stage of a ``TrainingArguments``, or None without DeepSpeed."""
-    ds_config = getattr(args, "hf_deepspeed_config", None)
+def _stage_of(ds_config: Any) -> int | None:
+    """Stage from a ``HfDeepSpeedConfig`` (``get_value``) or a plain dict config."""
     if ds_config is None:
         return None
-    stage = ds_config.get_value("zero_optimization.stage")
+    if hasattr(ds_config, "get_value"):
+        stage = ds_config.get_value("zero_optimization.stage")
+    elif isinstance(ds_config, dict):
+        stage = ds_config.get("zero_optimization", {}).get("stage")
+    else:
+        return None
     return int(stage) if stage is not None else 0
+
+
+def zero_stage(args: Any) -> int | None:
+    """DeepSpeed ZeRO stage of a run, or None without DeepSpeed.
+
+    Read from ``args.hf_deepspeed_config`` (set by ``TrainingArguments(deepspeed=...)`` and by the
+    trainer under ``accelerate launch --use_deepspeed``), else from accelerate's DeepSpeed plugin.
+    """
+    stage = _stage_of(getattr(args, "hf_deepspeed_config", None))
+    if stage is not None:
+        return stage
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is None:
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state:  # set up by an Accelerator; never create one from here
+            plugin = AcceleratorState().deepspeed_plugin
+    if plugin is not None and getattr(plugin, "zero_stage", None) is not None:
+        return int(plugin.zero_stage)
+    return None
+
+
+def _uses_fsdp(args: Any) -> bool:
+    fsdp = getattr(args, "fsdp", None)
+    return bool(fsdp) and fsdp not in ("", [], "no")
 
 
 def build_layout(named_params: list[tuple[str, nn.Parameter]], args: Any) -> ShadowLayout:
@@ -28,6 +64,11 @@ def build_layout(named_params: list[tuple[str, nn.Parameter]], args: Any) -> Sha
         from .deepspeed import Zero3Layout
 
         return Zero3Layout(named_params)
+    if distributed and _uses_fsdp(args):
+        raise ValueError(
+            "weight averaging does not support FSDP (args.fsdp is set): its parameters are flat shards; "
+            "use DeepSpeed ZeRO (stages 1, 2 or 3) or DDP for multi-GPU runs"
+        )
     if distributed:
         from .deepspeed import SlicedLayout
 

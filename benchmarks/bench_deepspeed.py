@@ -1,0 +1,173 @@
+"""Shadow memory and update time per rank under DeepSpeed ZeRO-2 / ZeRO-3 vs one process (not a test).
+
+Runs the same SFTTrainer + LoRA training three times on a tiny Llama built in code: one process
+without DeepSpeed, then 2 ranks under ZeRO-2 and under ZeRO-3 (``DS_ACCELERATOR=cpu deepspeed
+--num_gpus 2`` on a machine without GPUs). Each run keeps a BEMA average (2 fp32 buffers) updated
+at every step, and prints, per rank: the layout, the averaged elements it owns, the shadow bytes,
+and the median time of the averaging callback's ``on_step_end`` (the update; no communication).
+
+    python benchmarks/bench_deepspeed.py                    # ~2-3 minutes on 2 CPU cores
+    python benchmarks/bench_deepspeed.py --hidden 1024 --rank 128 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+warnings.filterwarnings("ignore")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ one run (worker)
+def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_ema_plugin import WeightAveragingCallback
+    from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+
+    class TimedAveraging(WeightAveragingCallback):
+        """Times the update done in on_step_end."""
+
+        durations: list[float]
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            start = time.perf_counter()
+            super().on_step_end(*args, **kwargs)
+            self.durations.append(time.perf_counter() - start)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_llama(tokenizer, seed=0, hidden_size=hidden)
+    model = get_peft_model(
+        model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0)
+    )
+    ds_config = None
+    if zero is not None:
+        buckets = {"reduce_bucket_size": 1_000_000}
+        if zero == 3:
+            buckets["stage3_prefetch_bucket_size"] = 1_000_000
+        else:
+            buckets["allgather_bucket_size"] = 1_000_000
+        ds_config = {
+            "zero_optimization": {"stage": zero, **buckets},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "steps_per_print": 1_000_000,
+        }
+    averaging = TimedAveraging(method="bema", update_every=1, eval=False, export_at_end=False, save_checkpoints=False)
+    averaging.durations = []
+    args = SFTConfig(
+        output_dir=str(out / "run"),
+        max_steps=steps,
+        per_device_train_batch_size=8 // world_size,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        max_length=64,
+        disable_tqdm=True,
+        logging_steps=steps,
+        deepspeed=ds_config,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_sft_dataset(8 * steps),
+        processing_class=tokenizer,
+        callbacks=[averaging],
+    )
+    trainer.train()
+    weights = averaging.primary
+    mine = {
+        "layout": type(weights.layout).__name__,
+        "owned": sum(weights.layout.local_sizes()),
+        "full": weights.layout.full_numel(),
+        "shadow_bytes": weights.memory_bytes(),
+        "update_ms": 1000 * statistics.median(averaging.durations[1:] or averaging.durations),
+    }
+    ranks = [mine]
+    if world_size > 1:
+        ranks = [None] * world_size
+        dist.all_gather_object(ranks, mine)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (out / "result.json").write_text(json.dumps(ranks))
+
+
+# ------------------------------------------------------------------------------- driver
+def launch(label: str, zero: int | None, options: argparse.Namespace, root: Path) -> list[dict]:
+    out = root / label
+    out.mkdir()
+    script = [str(Path(__file__).resolve()), "--worker", "--out", str(out)]
+    script += ["--hidden", str(options.hidden), "--rank", str(options.rank), "--steps", str(options.steps)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if zero is None:
+        command = [sys.executable, *script]
+    else:
+        env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+        command = [*launcher, "--master_port", str(free_port()), *script, "--zero", str(zero)]
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode != 0 or not (out / "result.json").is_file():
+        raise SystemExit(f"{label} failed:\n{result.stdout[-4000:]}")
+    print(f"  {label}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return json.loads((out / "result.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--rank", type=int, default=64, help="LoRA rank")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--zero", type=int, default=None, help=argparse.SUPPRESS)
+    options, _ = parser.parse_known_args()  # the deepspeed launcher adds --local_rank
+    if options.worker:
+        worker(Path(options.out), options.zero, options.hidden, options.rank, options.steps)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, zero in (("1 process", None), ("ZeRO-2, 2 ranks", 2), ("ZeRO-3, 2 ranks", 3)):
+            for rank, r in enumerate(launch(label.split(",")[0].replace(" ", "-"), zero, options, Path(tmp))):
+                rows.append((label, rank, r))
+    single = rows[0][2]["shadow_bytes"]
+    print(
+        f"BEMA (θ0 + EMA, fp32), LoRA r={options.rank} on a {options.hidden}-wide 2-layer Llama, {options.steps} steps"
+    )
+    print(
+        f"{'run':<17} {'rank':>4} {'layout':<13} {'owned elements':>19} {'shadow bytes':>13} {'vs 1 proc':>9} {'update ms':>10}"
+    )
+    for label, rank, r in rows:
+        owned = f"{r['owned']:,}/{r['full']:,}"
+        ratio = r["shadow_bytes"] / single
+        print(
+            f"{label:<17} {rank:>4} {r['layout']:<13} {owned:>19} {r['shadow_bytes']:>13,} {ratio:>9.3f} {r['update_ms']:>10.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
