@@ -34,8 +34,24 @@ def write_averaged_weights(
         save_file(adapter_state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         model.peft_config[adapter_name].save_pretrained(str(folder))
         return
+    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        _write_partitioned_full_model(model, averaged, folder)
+        return
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     for name, tensor in averaged.items():
         state[name] = tensor.to(dtype=state[name].dtype, device="cpu") if name in state else tensor.cpu()
     with torch.no_grad():
         model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+
+
+def _write_partitioned_full_model(model: nn.Module, averaged: dict[str, Tensor], folder: Path) -> None:
+    """ZeRO-3 full fine-tuning: ``model.state_dict()`` holds empty partitions, so write the gathered tensors."""
+    frozen = [n for n, _ in model.named_parameters() if n not in averaged]
+    if frozen:
+        raise ValueError(
+            f"cannot export a full model under ZeRO-3 when some parameters are frozen (e.g. {frozen[0]!r}): "
+            "their partitions are not gathered; train a PEFT adapter, or unfreeze every parameter"
+        )
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in averaged.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(folder))
