@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,8 +60,15 @@ def axolotl(*args: str, cwd: Path, timeout: int = 480, expect_ok: bool = True) -
         [str(BIN / "axolotl"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if expect_ok:
-        assert result.returncode == 0, f"axolotl {' '.join(args)} failed:\n{(result.stdout + result.stderr)[-6000:]}"
+        assert result.returncode == 0, f"axolotl {' '.join(args)} failed:\n{failure_summary(result)}"
     return result
+
+
+def failure_summary(result: subprocess.CompletedProcess) -> str:
+    """The first error lines of every rank (the crashing rank's error is not the last output) and the tail."""
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "Error" in line and "Warning" not in line][:20]
+    return "\n".join(errors) + "\n...\n" + output[-4000:]
 
 
 def lora_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -203,8 +212,15 @@ def test_dpo_bema(workspace):
 def test_zero3_two_processes_bema(workspace):
     config = CPU_CONFIGS / "zero3_lora_bema.yml"
     cfg = yaml.safe_load(config.read_text())
-    launcher = ["--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    axolotl("train", str(config), *launcher, cwd=workspace, timeout=560)
+    launcher = ["--launcher", "torchrun", "--", "--nproc_per_node", "2", "--master_port"]
+    result = axolotl("train", str(config), *launcher, str(free_port()), cwd=workspace, timeout=560, expect_ok=False)
+    if result.returncode != 0 and "Connection closed by peer" in result.stdout + result.stderr:
+        # DeepSpeed 0.18.9's CPU all-gather occasionally drops a rank under heavy load (seen once in a
+        # full suite run, never alone); one more launch, and the error of both if it fails again
+        warnings.warn(f"ZeRO-3 launch failed once, retrying:\n{failure_summary(result)}", stacklevel=1)
+        shutil.rmtree(workspace / cfg["output_dir"], ignore_errors=True)
+        result = axolotl("train", str(config), *launcher, str(free_port()), cwd=workspace, timeout=560, expect_ok=False)
+    assert result.returncode == 0, f"axolotl ZeRO-3 run failed:\n{failure_summary(result)}"
     run = workspace / cfg["output_dir"]
     # gathered from both ranks' shards, written once, equal to BEMA of the DeepSpeed fp32 trajectory
     assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
