@@ -74,3 +74,16 @@ def build_layout(named_params: list[tuple[str, nn.Parameter]], args: Any) -> Sha
 
         return SlicedLayout(named_params)
     return LocalLayout(named_params)
+
+
+def is_writer(state: Any) -> bool:
+    """Whether this process writes shared files: global rank 0 when a process group exists.
+
+    ``state.is_world_process_zero`` is the trainer's view; the process group is checked first so
+    that two processes can never both write (and race on the same folder).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return bool(state.is_world_process_zero)

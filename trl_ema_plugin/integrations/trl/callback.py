@@ -20,7 +20,7 @@ from ...config import AveragerSpec, WeightAveragingConfig
 from ...export import write_averaged_weights
 from ...persistence import atomic_directory, averager_folder, read_state, write_state
 from ...shadow import AveragedWeights, trainable_parameters
-from ..parallel import build_layout, zero_stage
+from ..parallel import build_layout, is_writer, zero_stage
 from .checkpoint_adapters import drop_adapters, restore_policy_adapter
 from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
 from .resume import checkpoint_folder, find_resume_checkpoint
@@ -179,13 +179,13 @@ class WeightAveragingCallback(TrainerCallback):
     # ---------------------------------------------------------------- saving
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.config.save_checkpoints and self.weights:
-            self.save(checkpoint_folder(args, state.global_step), state.global_step, state.is_world_process_zero)
+            self.save(checkpoint_folder(args, state.global_step), state.global_step, is_writer(state))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.config.export_at_end and self.weights:
-            self.save(args.output_dir, state.global_step, state.is_world_process_zero)
+            self.save(args.output_dir, state.global_step, is_writer(state))
 
     def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
         """Write every averager's folder under ``parent``. Collective: call on every rank; ``writer`` writes."""

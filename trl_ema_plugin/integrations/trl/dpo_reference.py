@@ -29,7 +29,7 @@ from ...config.dpo_reference import DPOReferenceConfig
 from ...export import is_peft_model
 from ...persistence import atomic_directory, read_state, write_state
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
-from ..parallel import build_layout, zero_stage
+from ..parallel import build_layout, is_writer, zero_stage
 from .callback import unwrap_model
 from .checkpoint_adapters import restore_policy_adapter
 from .resume import checkpoint_folder, find_resume_checkpoint
@@ -231,7 +231,7 @@ class AveragedReferenceCallback(TrainerCallback):
     # ------------------------------------------------------------ checkpoints
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.reference is not None:
-            self.save(checkpoint_folder(args, state.global_step), state.global_step, state.is_world_process_zero)
+            self.save(checkpoint_folder(args, state.global_step), state.global_step, is_writer(state))
 
     def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
         """Write ``parent/dpo_reference/`` (``averager_state.*``, format of :mod:`~trl_ema_plugin.persistence`,
