@@ -181,7 +181,11 @@ def test_plan_covers_every_study_and_method():
     assert ids[:2] == ["sft-averagers-seed0", "sft-averagers-seed1"]
     assert {"lowdata-plain-seed0", "lowdata-ema_teacher-seed0", "lowdata-bema_teacher-seed0"} <= set(ids)
     assert {"dpo-fixed_ref-seed0", "dpo-ema_ref-seed0", "dpo-bema_ref-seed0"} <= set(ids)
-    with pytest.raises(ValueError, match="allowed values: sft, lowdata, dpo"):
+    assert [i for i in ids if i.startswith("timing-")] == [
+        "timing-lowdata-plain-seed0", "timing-lowdata-ema_teacher-seed0", "timing-lowdata-bema_teacher-seed0",
+        "timing-dpo-fixed_ref-seed0", "timing-dpo-ema_ref-seed0", "timing-dpo-bema_ref-seed0",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="allowed values: sft, lowdata, dpo, timing"):
         plan(PRESETS["full"], ("sft", "rl"))
 
 
@@ -232,9 +236,18 @@ def test_dpo_study_fixed_vs_averaged_reference(smoke_out):
     assert moving["margin_vs_ref"][-1][1] != moving["margin_vs_initial"][-1][1]  # the reference moved
 
 
+def test_timing_runs_measure_cpu_seconds_without_evaluation(smoke_out):
+    timing = {r["label"]: r for r in load_results(smoke_out) if r["study"] == "timing"}
+    assert len(timing) == 6
+    for run in timing.values():
+        assert run["curves"] == {} and len(run["cpu_step_seconds"]) == run["steps"] == 2
+        assert all(s > 0 for s in run["cpu_step_seconds"])
+    assert timing["lowdata-ema_teacher"]["teacher_forwards"] == 2
+
+
 def test_studies_resume_and_rebuild_the_report(smoke_out, capsys):
     files = sorted((smoke_out / "runs").glob("*.json"))
-    assert len(files) == len(plan(SMOKE)) == 7
+    assert len(files) == len(plan(SMOKE)) == 13
     stamps = {p: p.stat().st_mtime_ns for p in files}
     run_studies(SMOKE, smoke_out, show_progress=False)  # every run is recorded: nothing trains again
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
@@ -249,10 +262,12 @@ def test_studies_resume_and_rebuild_the_report(smoke_out, capsys):
         assert evidence_main(argv) == 0
         for name in ("evidence_sft.png", "evidence_lowdata.png", "evidence_dpo.png", "evidence_bema_schedule.png"):
             assert (docs / name).read_bytes()[:4] == b"\x89PNG"
-        assert "7 finished run(s)" in capsys.readouterr().out
+        assert "13 finished run(s)" in capsys.readouterr().out
     table = (docs / "results.md").read_text()
     assert "| bema |" in table and "| bema_teacher |" in table and "| bema_ref |" in table
     assert table.index("| raw |") < table.index("| ema_0.9 |")  # vanilla first
+    assert "## Step times (timing runs, no evaluation)" in table and "| dpo-bema_ref | 2 |" in table
+    assert table.count("Step-time ratio from the median CPU seconds of the timing runs.") == 2
     record = json.loads(files[0].read_text())
     assert record["scale"]["name"] == "test" and record["environment"]["trl"]
 

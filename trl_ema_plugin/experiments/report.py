@@ -9,7 +9,8 @@ Table columns, per method:
 * **step-time ratio**: time per optimizer step relative to vanilla. For (a), where every averager
   rides the same run, it is ``(t_raw + t_update) / t_raw`` with ``t_update`` the measured seconds
   of that averager's update and ``t_raw`` the step time without any update; for (b) and (c) it is
-  the ratio of median step times of separate runs (sensitive to other load on the machine).
+  the ratio of median CPU seconds per step of the ``timing`` runs (one torch thread, so other jobs
+  on the machine barely change it), or, without them, of median wall seconds of the study's runs.
 """
 
 from __future__ import annotations
@@ -77,10 +78,20 @@ def _update_ratio(run: dict[str, Any], name: str) -> float:
     return (raw + updates[name]) / raw if raw > 0 else math.nan
 
 
-def _step_ratio(study: str, runs: list[dict[str, Any]], method: str, seed: int) -> float:
+def cpu_ratio(timing: list[dict[str, Any]], study: str, method: str) -> float | None:
+    """Median CPU seconds per step of ``method`` over vanilla's, from the ``timing`` runs (None if absent)."""
+    by_label = {r["label"]: r["median_cpu_step_seconds"] for r in timing}
+    own, base = by_label.get(f"{study}-{method}"), by_label.get(f"{study}-{VANILLA[study]}")
+    return own / base if own is not None and base else None
+
+
+def _step_ratio(study: str, runs: list[dict[str, Any]], method: str, seed: int, timing: list[dict[str, Any]]) -> float:
     if study == "sft":
         run = next(r for r in runs if r["seed"] == seed)
         return _update_ratio(run, method)
+    measured = cpu_ratio(timing, study, method)
+    if measured is not None:
+        return measured
     vanilla = next((r for r in runs if r["seed"] == seed and r["label"] == VANILLA[study]), None)
     own = next((r for r in runs if r["seed"] == seed and r["label"] == method), None)
     if vanilla is None or own is None:
@@ -88,7 +99,9 @@ def _step_ratio(study: str, runs: list[dict[str, Any]], method: str, seed: int) 
     return own["median_step_seconds"] / vanilla["median_step_seconds"]
 
 
-def study_rows(study: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def study_rows(
+    study: str, runs: list[dict[str, Any]], timing: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """One row per method: final value, best value, steps to vanilla's best, step-time ratio (means over seeds)."""
     lower = study != "dpo"
     curves = method_curves(study, runs)
@@ -102,17 +115,18 @@ def study_rows(study: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             seed: steps_to_reach(c, _best(vanilla[seed], lower), lower) if seed in vanilla else None
             for seed, c in by_seed.items()
         }  # fmt: skip
-        ratios = [_step_ratio(study, runs, method, seed) for seed in by_seed]
+        ratios = [_step_ratio(study, runs, method, seed, timing or []) for seed in by_seed]
         row = {
             "method": method,
             "final": _mean(list(finals.values())),
             "final_by_seed": finals,
             "best": _mean([_best(c, lower) for c in by_seed.values()]),
+            "mean_over_run": _mean([_mean([v for step, v in c if step > 0]) for c in by_seed.values()]),
             "steps_to_vanilla_best": reach,
             "step_time_ratio": _mean([r for r in ratios if not math.isnan(r)]),
         }
         if study == "sft":
-            row["shadow_mib"] = _mean([r.get("shadow_mib", {}).get(method, 0.0) for r in runs])
+            row["shadow_mib"] = _mean([r["shadow_mib"][method] for r in runs]) if method != "raw" else None
         if study == "dpo":
             run = next(r for r in runs if r["label"] == method)
             for key in ("margin_vs_initial", "accuracy_vs_ref", "margin_vs_ref"):
@@ -155,8 +169,19 @@ def results_markdown(results: list[dict[str, Any]], command: str) -> str:
             continue
         seeds = sorted({r["seed"] for r in runs})
         steps = max(r["steps"] for r in runs)
-        lines += [f"## {titles[study]}", "", f"{len(runs)} run(s), seeds {seeds}, {steps} optimizer steps.", ""]
-        rows = study_rows(study, runs)
+        lines += [
+            f"## {titles[study]}",
+            "",
+            f"{len(runs)} run(s), seeds {seeds}, {steps} optimizer steps. Mean eval loss over the run: the mean of "
+            "the eval points after step 0 (how good the weights are along the way, not only at the end).",
+            "",
+        ]
+        if study == "dpo":
+            lines[-2] = (
+                f"{len(runs)} run(s), seed {seeds}, {steps} optimizer steps. Reward accuracy and margin on held-out "
+                "pairs, against the initial model (comparable across methods) and against each run's own reference."
+            )
+        rows = study_rows(study, runs, grouped.get("timing"))
         if study == "dpo":
             lines += [
                 "| method | final reward accuracy vs initial model | final margin vs initial | final accuracy vs own ref "
@@ -170,18 +195,48 @@ def results_markdown(results: list[dict[str, Any]], command: str) -> str:
                 )
         else:
             vanilla = "raw" if study == "sft" else "plain"
-            extra = " shadow MiB |" if study == "sft" else " teacher's own final eval loss |"
+            extra = " shadow MiB (fp32) |" if study == "sft" else " teacher's own final eval loss |"
             lines += [
-                f"| method | final eval loss (mean) | per seed | best eval loss | steps to {vanilla}'s best | step-time ratio |{extra}",
-                "|---|---|---|---|---|---|---|",
+                f"| method | final eval loss (mean) | per seed | best eval loss | mean eval loss over the run "
+                f"| steps to {vanilla}'s best | step-time ratio |{extra}",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for r in rows:
                 per_seed = ", ".join(f"{v:.4f}" for _, v in sorted(r["final_by_seed"].items()))
                 tail = _fmt(r.get("shadow_mib"), 2) if study == "sft" else _fmt(r.get("teacher_final"))
                 lines.append(
-                    f"| {r['method']} | {_fmt(r['final'])} | {per_seed} | {_fmt(r['best'])} "
-                    f"| {_reach_text(r['steps_to_vanilla_best'], steps)} | {_fmt(r['step_time_ratio'], 3)} | {tail} |"
+                    f"| {r['method']} | {_fmt(r['final'])} | {per_seed} | {_fmt(r['best'])} | {_fmt(r['mean_over_run'])} "
+                    f"| {_reach_text(r['steps_to_vanilla_best'], steps)} | {_fmt(r['step_time_ratio'], 4 if study == 'sft' else 2)} "
+                    f"| {tail} |"
                 )
+            median = _mean([r["median_step_seconds"] for r in runs if study == "sft" or r["label"] == vanilla])
+            lines += ["", f"Median {vanilla} optimizer step: {median:.2f} s (mean over its runs)."]
+            if study == "sft":
+                updates = defaultdict(list)
+                for run in runs:
+                    for name, seconds in run.get("update_seconds", {}).items():
+                        updates[name].append(seconds * 1000)
+                lines.append(
+                    "Mean update per optimizer step: "
+                    + ", ".join(f"{n} {_mean(v):.1f} ms" for n, v in updates.items())
+                    + ". Each averager also costs one extra evaluation pass per evaluation (not in the ratio)."
+                )
+        if study != "sft":
+            source = "CPU seconds of the timing runs" if grouped.get("timing") else "wall seconds of these runs"
+            lines.append(f"Step-time ratio from the median {source}.")
+        lines.append("")
+    timing = grouped.get("timing")
+    if timing:
+        lines += [
+            "## Step times (timing runs, no evaluation)",
+            "",
+            "| run | steps | median CPU s / step | median wall s / step |",
+            "|---|---|---|---|",
+        ]
+        for run in timing:
+            lines.append(
+                f"| {run['label']} | {run['steps']} | {run['median_cpu_step_seconds']:.2f} | {run['median_step_seconds']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 

@@ -151,7 +151,11 @@ def dpo_data(tokenizer: Any, scale: Scale, split: str, n: int, seed: int = 0) ->
 class StepProbe(TrainerCallback):
     """Put it last in ``callbacks``: times each optimizer step (including the other callbacks'
     ``on_step_end``, excluding evaluation), ticks a progress bar, and runs ``evaluate(step)`` at
-    step 0 and every ``eval_every`` steps when given."""
+    step 0 and every ``eval_every`` steps when given.
+
+    It records wall seconds and this process's CPU seconds per step. With one torch thread the CPU
+    seconds measure the work of a step even while other jobs share the cores; wall seconds do not.
+    """
 
     def __init__(
         self, progress: Any = None, evaluate: Callable[[int], dict[str, float]] | None = None, eval_every: int = 0
@@ -160,6 +164,8 @@ class StepProbe(TrainerCallback):
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.step_seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self._cpu_start = 0.0
         self.evaluations: list[tuple[int, dict[str, float]]] = []
         self._start = 0.0
 
@@ -169,9 +175,11 @@ class StepProbe(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_seconds.append(time.perf_counter() - self._start)
+        self.cpu_seconds.append(time.process_time() - self._cpu_start)
         if self.progress is not None:
             self.progress.update(1)
         due = self.eval_every and (state.global_step % self.eval_every == 0 or state.global_step >= state.max_steps)
@@ -229,7 +237,7 @@ def train_losses(log_history: list[dict[str, Any]]) -> list[list[float]]:
 # ------------------------------------------------------------------------------ SFT
 @dataclass
 class SFTRun:
-    """One SFT run: LoRA on ``train``, evaluated on ``eval`` every ``eval_every`` steps."""
+    """One SFT run: LoRA on ``train``, evaluated on ``eval`` every ``eval_every`` steps (0: never, a timing run)."""
 
     scale: Scale
     seed: int
@@ -245,16 +253,18 @@ def run_sft(run: SFTRun, train: Dataset, eval_set: Dataset, progress: Any = None
     from trl import SFTConfig, SFTTrainer
 
     scale = run.scale
+    evaluate = run.eval_every > 0
     base, tokenizer = load_model(scale, run.seed)
     model = with_lora(base, scale, run.seed)
     args = SFTConfig(
         output_dir=str(run.output_dir), max_steps=run.steps, per_device_train_batch_size=scale.batch_size,
         per_device_eval_batch_size=scale.eval_batch_size, learning_rate=scale.learning_rate, seed=run.seed,
-        max_length=scale.max_length, eval_strategy="steps", eval_steps=run.eval_every, logging_steps=max(1, run.eval_every // 2),
+        max_length=scale.max_length, eval_strategy="steps" if evaluate else "no", eval_steps=run.eval_every or None,
+        logging_steps=max(1, run.eval_every // 2),
         save_strategy="no", use_cpu=True, bf16=False, fp16=False, report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-        prediction_loss_only=True,  # TRL 1.16 recomputes the logits for eval otherwise: a second forward pass
+        prediction_loss_only=True,  # the eval loss is all we read
     )  # fmt: skip
-    averaging = TimedWeightAveraging(averagers=run.averagers) if run.averagers else None
+    averaging = TimedWeightAveraging(averagers=run.averagers, eval=evaluate) if run.averagers else None
     callbacks: list[TrainerCallback] = [averaging] if averaging else []
     if run.distillation is not None:
         from ..integrations.trl.distillation import SelfDistillationCallback
@@ -264,17 +274,17 @@ def run_sft(run: SFTRun, train: Dataset, eval_set: Dataset, progress: Any = None
         callbacks.append(SelfDistillationCallback(**run.distillation))
     probe = StepProbe(progress)
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=eval_set, processing_class=tokenizer,
-        callbacks=[*callbacks, probe],
+        model=model, args=args, train_dataset=train, eval_dataset=eval_set if evaluate else None,
+        processing_class=tokenizer, callbacks=[*callbacks, probe],
     )  # fmt: skip
     if callbacks:
         attach(trainer)
     start = time.perf_counter()
-    initial = trainer.evaluate()["eval_loss"]  # step 0: every average equals the weights it starts from
+    initial = trainer.evaluate()["eval_loss"] if evaluate else None  # step 0: every average equals θ_0
     trainer.train()
     wall = time.perf_counter() - start
     names = list(averaging.weights) if averaging else []
-    curves = eval_curves(trainer.state.log_history, names)
+    curves = eval_curves(trainer.state.log_history, names) if evaluate else {}
     for curve in curves.values():
         curve.insert(0, [0, float(initial)])
     result: dict[str, Any] = {
@@ -283,6 +293,8 @@ def run_sft(run: SFTRun, train: Dataset, eval_set: Dataset, progress: Any = None
         "train_loss": train_losses(trainer.state.log_history),
         "step_seconds": probe.step_seconds,
         "median_step_seconds": median_seconds(probe.step_seconds),
+        "cpu_step_seconds": probe.cpu_seconds,
+        "median_cpu_step_seconds": median_seconds(probe.cpu_seconds),
         "wall_seconds": wall,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -406,7 +418,8 @@ def run_dpo(run: DPORun, train: Dataset, eval_pairs: Dataset, progress: Any = No
     )
     if callbacks:
         attach(trainer)
-    probe.evaluate = PreferenceProbe(trainer.model, tokenizer, eval_pairs, scale.dpo_beta, scale.eval_batch_size)
+    if run.eval_every > 0:
+        probe.evaluate = PreferenceProbe(trainer.model, tokenizer, eval_pairs, scale.dpo_beta, scale.eval_batch_size)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -420,5 +433,7 @@ def run_dpo(run: DPORun, train: Dataset, eval_pairs: Dataset, progress: Any = No
         "train_loss": train_losses(trainer.state.log_history),
         "step_seconds": probe.step_seconds,
         "median_step_seconds": median_seconds(probe.step_seconds),
+        "cpu_step_seconds": probe.cpu_seconds,
+        "median_cpu_step_seconds": median_seconds(probe.cpu_seconds),
         "wall_seconds": wall,
     }

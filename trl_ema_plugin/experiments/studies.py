@@ -6,6 +6,8 @@
     from an EMA / BEMA teacher (held-out eval loss of the student; the teacher's own loss too).
 (c) ``dpo``: TRL's fixed reference vs a reference adapter kept at the EMA / BEMA average of the
     policy; eval reward accuracy and margin vs step.
+``timing``: a few steps of each (b) and (c) configuration without evaluation, timed in CPU seconds
+    of this process (one torch thread), for step-time ratios that other jobs on the machine do not skew.
 
 Every finished run is written to ``<out>/runs/<run id>.json``; a second call skips those, so an
 interrupted study resumes at the first unfinished run (that run restarts from step 0).
@@ -23,7 +25,8 @@ from typing import Any
 
 from .runner import DPORun, Scale, SFTRun, dpo_data, load_tokenizer, run_dpo, run_sft, sft_data
 
-STUDIES = ("sft", "lowdata", "dpo")
+STUDIES = ("sft", "lowdata", "dpo", "timing")
+TIMING_STEPS = 6
 
 #: (a) every averager of the SFT study, attached to one run. Chosen before any result was seen:
 #: EMA decays whose horizons 1/(1−d) (10 and 50 steps) fit an 80-step run, and BEMA/DEMA/OUEMA at
@@ -83,6 +86,14 @@ def plan(scale: Scale, studies: tuple[str, ...] = STUDIES) -> list[PlannedRun]:
             runs += [
                 PlannedRun("dpo", label, seed, scale.dpo_steps, {"reference": ref}) for label, ref in REFERENCES.items()
             ]
+    if "timing" in studies:
+        steps = min(TIMING_STEPS, scale.lowdata_steps, scale.dpo_steps)
+        runs.append(PlannedRun("timing", "lowdata-plain", 0, steps, {"of": "lowdata"}))
+        for label, spec in TEACHERS.items():
+            settings = {"of": "lowdata", "averagers": [spec], "distillation": {"teacher": spec["name"]}}
+            runs.append(PlannedRun("timing", f"lowdata-{label}", 0, steps, settings))
+        for label, ref in REFERENCES.items():
+            runs.append(PlannedRun("timing", f"dpo-{label}", 0, steps, {"of": "dpo", "reference": ref}))
     return runs
 
 
@@ -116,13 +127,15 @@ def execute(run: PlannedRun, scale: Scale, data: DataCache, work: Path, progress
     if run.study == "sft":
         spec = SFTRun(scale, run.seed, run.steps, scale.sft_eval_every, output_dir, averagers=run.settings["averagers"])
         return run_sft(spec, data.get("sft_train"), data.get("sft_eval"), progress)
-    if run.study == "lowdata":
+    study = run.settings.get("of", run.study)  # a timing run repeats a run of that study without evaluation
+    if study == "lowdata":
         spec = SFTRun(
-            scale, run.seed, run.steps, scale.lowdata_eval_every, output_dir,
+            scale, run.seed, run.steps, scale.lowdata_eval_every if run.study != "timing" else 0, output_dir,
             averagers=run.settings.get("averagers", []), distillation=run.settings.get("distillation"),
         )  # fmt: skip
         return run_sft(spec, data.get("lowdata_train"), data.get("sft_eval"), progress)
-    spec = DPORun(scale, run.seed, run.steps, scale.dpo_eval_every, output_dir, reference=run.settings["reference"])
+    every = scale.dpo_eval_every if run.study != "timing" else 0
+    spec = DPORun(scale, run.seed, run.steps, every, output_dir, reference=run.settings["reference"])
     return run_dpo(spec, data.get("dpo_train"), data.get("dpo_eval"), progress)
 
 
