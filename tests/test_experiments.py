@@ -23,6 +23,7 @@ from trl_ema_plugin import WeightAveragingCallback
 from trl_ema_plugin.experiments import smollm2
 from trl_ema_plugin.experiments.demo import main as demo_main
 from trl_ema_plugin.experiments.evidence import main as evidence_main
+from trl_ema_plugin.experiments.report import RESULTS_BEGIN, RESULTS_END
 from trl_ema_plugin.experiments.runner import PRESETS, load_model, sft_data
 from trl_ema_plugin.experiments.stdlib_data import (
     corrupt_body,
@@ -254,6 +255,9 @@ def test_studies_resume_and_rebuild_the_report(smoke_out, capsys):
     with pytest.raises(ValueError, match="holds results of scale 'test'"):
         run_studies(PRESETS["tiny"], smoke_out, show_progress=False)
     docs = smoke_out / "docs"
+    docs.mkdir()
+    page = docs / "evidence.md"
+    page.write_text(f"# Evidence\n\nbefore\n{RESULTS_BEGIN}\nstale table\n{RESULTS_END}\nafter\n")
     argv = ["--tiny", "--out", str(smoke_out), "--docs", str(docs), "--report-only"]
     if importlib.util.find_spec("matplotlib") is None:  # the Axolotl stack installs no [experiments] extra
         with pytest.raises(ImportError, match=r"plots need matplotlib: pip install matplotlib"):
@@ -268,6 +272,9 @@ def test_studies_resume_and_rebuild_the_report(smoke_out, capsys):
     assert table.index("| raw |") < table.index("| ema_0.9 |")  # vanilla first
     assert "## Step times (timing runs, no evaluation)" in table and "| dpo-bema_ref | 2 |" in table
     assert table.count("Step-time ratio from the median CPU seconds of the timing runs.") == 2
+    text = page.read_text()  # the README section gets the same tables between its markers
+    assert text.startswith("# Evidence\n\nbefore\n") and text.endswith(f"{RESULTS_END}\nafter\n")
+    assert "stale table" not in text and "### (a) SFT" in text and "| bema_ref |" in text
     record = json.loads(files[0].read_text())
     assert record["scale"]["name"] == "test" and record["environment"]["trl"]
 
