@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,8 @@ def _deepspeed_extensions_dir() -> None:
 
 
 _deepspeed_extensions_dir()
+# the 2-rank scripts import their shared DeepSpeed configs; tests load those scripts in-process too
+sys.path.insert(0, str(Path(__file__).parent / "deepspeed_scripts"))
 
 import torch  # noqa: E402
 

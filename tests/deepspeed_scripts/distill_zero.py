@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from trl import SFTConfig, SFTTrainer
+from zero_configs import zero_config
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
@@ -24,24 +25,6 @@ from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallbac
 
 GLOBAL_BATCH = 4
 LEARNING_RATE = 2e-2
-
-
-def zero_config(stage: int, persistence: str) -> dict[str, Any]:
-    """A DeepSpeed config for CPU runs (small buckets); persistence "default" leaves DeepSpeed's 100,000."""
-    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": 1_000_000}
-    if stage == 3:
-        zero["stage3_prefetch_bucket_size"] = 1_000_000
-        if persistence != "default":
-            zero["stage3_param_persistence_threshold"] = int(persistence)
-    else:
-        zero.update(allgather_bucket_size=1_000_000, overlap_comm=False, contiguous_gradients=True)
-    return {
-        "zero_optimization": zero,
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "steps_per_print": 1_000_000,
-    }
 
 
 def run(output_dir: str, zero: int | None = None, persistence: str = "default", max_steps: int = 3) -> dict[str, Any]:

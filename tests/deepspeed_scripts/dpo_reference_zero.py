@@ -21,6 +21,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
+from zero_configs import zero_config
 
 from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
@@ -33,19 +34,6 @@ REFERENCE: dict[str, Any] = {
 LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0}
 MAX_STEPS = 4
 GLOBAL_BATCH = 4
-
-
-def zero3_config(persistence: str) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": 3, "reduce_bucket_size": 1_000_000, "stage3_prefetch_bucket_size": 1_000_000}
-    if persistence != "default":  # "default": DeepSpeed's own 100,000, so every LoRA tensor stays gathered
-        zero["stage3_param_persistence_threshold"] = int(persistence)
-    return {
-        "zero_optimization": zero,
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "steps_per_print": 1_000_000,
-    }
 
 
 def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
@@ -108,7 +96,7 @@ def run(persistence: str, output_dir: str) -> dict[str, Any]:
         gradient_checkpointing=False,
         disable_tqdm=True,
         seed=0,
-        deepspeed=zero3_config(persistence),
+        deepspeed=zero_config(3, persistence),
     )
     reference = AveragedReferenceCallback(**REFERENCE)
     recorder = Recorder()

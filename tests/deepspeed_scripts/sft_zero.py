@@ -27,6 +27,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
+from zero_configs import zero_config
 
 import trl_ema_plugin.integrations.trl.callback as callback_module
 from trl_ema_plugin import WeightAveragingCallback, attach
@@ -40,24 +41,6 @@ AVERAGERS: list[dict[str, Any]] = [
 GLOBAL_BATCH = 4
 EVAL_BATCH = 2
 LEARNING_RATE = 2e-2
-
-
-def zero_config(stage: int, persistence: str) -> dict[str, Any]:
-    """A DeepSpeed config for CPU runs: small buckets (the defaults allocate gigabytes)."""
-    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": 1_000_000}
-    if stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=1_000_000)
-        if persistence != "default":  # "default": leave the key out, DeepSpeed's own 100,000 applies
-            zero["stage3_param_persistence_threshold"] = int(persistence)
-    else:
-        zero.update(allgather_bucket_size=1_000_000, overlap_comm=False, contiguous_gradients=True)
-    return {
-        "zero_optimization": zero,
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "steps_per_print": 1_000_000,
-    }
 
 
 def world() -> tuple[int, int]:
