@@ -1,6 +1,6 @@
 """Command line of the evidence studies (also ``benchmarks/evidence.py``).
 
-    python benchmarks/evidence.py --full                 # SmolLM2-135M, about 40 min on 2 CPU cores
+    python benchmarks/evidence.py --full --threads 1     # SmolLM2-135M, about an hour on a shared 2-core CPU
     python benchmarks/evidence.py --smoke                # SmolLM2, 2 steps per run: does it work?
     python benchmarks/evidence.py --tiny                 # tiny random Llama, seconds per run (CI)
     python benchmarks/evidence.py --full --report-only   # rebuild docs/ from the saved runs
@@ -20,7 +20,7 @@ from .report import write_report
 from .runner import scale_named
 from .studies import STUDIES, load_results, run_studies
 
-FULL_COMMAND = "python benchmarks/evidence.py --full"
+FULL_COMMAND = "python benchmarks/evidence.py --full --threads 1"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,6 +24,8 @@ from typing import Any
 from ..averagers.schedules import bias_correction, ema_step_size
 
 VANILLA = {"sft": "raw", "lowdata": "plain", "dpo": "fixed_ref"}
+#: table and legend order of the (b) and (c) runs (the plan's order); other labels follow
+LABEL_ORDER = ["plain", "ema_teacher", "bema_teacher", "fixed_ref", "ema_ref", "bema_ref"]
 DPO_ACCURACY = "accuracy_vs_initial"
 
 
@@ -50,7 +52,8 @@ def _mean(values: list[float]) -> float:
 
 def _by_study(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for result in results:
+    rank = {label: i for i, label in enumerate(LABEL_ORDER)}
+    for result in sorted(results, key=lambda r: (rank.get(r["label"], len(rank)), r["seed"])):
         grouped[result["study"]].append(result)
     return grouped
 
@@ -210,7 +213,7 @@ def results_markdown(results: list[dict[str, Any]], command: str) -> str:
                     f"| {tail} |"
                 )
             median = _mean([r["median_step_seconds"] for r in runs if study == "sft" or r["label"] == vanilla])
-            lines += ["", f"Median {vanilla} optimizer step: {median:.2f} s (mean over its runs)."]
+            lines += ["", f"Median {vanilla} optimizer step: {median:.2f} s wall (mean over its runs)."]
             if study == "sft":
                 updates = defaultdict(list)
                 for run in runs:
@@ -223,7 +226,7 @@ def results_markdown(results: list[dict[str, Any]], command: str) -> str:
                 )
         if study != "sft":
             source = "CPU seconds of the timing runs" if grouped.get("timing") else "wall seconds of these runs"
-            lines.append(f"Step-time ratio from the median {source}.")
+            lines += ["", f"Step-time ratio from the median {source}."]
         lines.append("")
     timing = grouped.get("timing")
     if timing:
