@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import launch_two_ranks
 from packaging.version import Version
 from safetensors.torch import load_file
 
@@ -80,15 +77,17 @@ def two_ranks(request, tmp_path_factory):
             "also in a plain SFTTrainer run without this plugin; covered on the latest stack (deepspeed 0.19)"
         )
     folder = tmp_path_factory.mktemp(request.param)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-        str(SCRIPT), "--zero", str(stage), "--persistence", persistence, "--output_dir", str(folder),
-        "--max_steps", str(MAX_STEPS),
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, cwd=SCRIPT.parent
-    )
+    args = [
+        "--zero",
+        str(stage),
+        "--persistence",
+        persistence,
+        "--output_dir",
+        str(folder),
+        "--max_steps",
+        str(MAX_STEPS),
+    ]
+    result = launch_two_ranks(SCRIPT, args)
     (folder / "launcher.log").write_text(result.stdout)
     log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)  # no progress bars
     assert result.returncode == 0 and (folder / "report.json").is_file(), f"deepspeed run failed:\n{log[-8000:]}"

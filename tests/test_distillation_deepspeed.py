@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import launch_two_ranks
 from packaging.version import Version
 
 if importlib.util.find_spec("deepspeed") is None:
@@ -47,13 +44,8 @@ def test_two_ranks_match_the_single_process(name, single, tmp_path):
     stage, persistence, layout = RUNS[name]
     if stage < 3 and Version(version("deepspeed")) < Version("0.19"):
         pytest.skip("DeepSpeed 0.18.x: the ZeRO-2 optimizer step fails on CPU/gloo with torch 2.13, plugin or not")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-        str(SCRIPT), "--zero", str(stage), "--persistence", persistence, "--output_dir", str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, cwd=SCRIPT.parent
+    result = launch_two_ranks(
+        SCRIPT, ["--zero", str(stage), "--persistence", persistence, "--output_dir", str(tmp_path)]
     )
     log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)
     assert result.returncode == 0 and (tmp_path / "report.json").is_file(), f"deepspeed run failed:\n{log[-8000:]}"

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import launch_two_ranks
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -476,28 +473,13 @@ DEEPSPEED_SCRIPT = Path(__file__).parent / "deepspeed_scripts" / "dpo_reference_
 @pytest.fixture(scope="module")
 def zero3_runs(tmp_path_factory):
     """Two 2-rank ZeRO-3 runs: persistence threshold 0 and DeepSpeed's default."""
-    deepspeed = pytest.importorskip("deepspeed")
+    pytest.importorskip("deepspeed")  # conftest points TORCH_EXTENSIONS_DIR at this version's build
     folder = tmp_path_factory.mktemp("zero3")
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        CUDA_VISIBLE_DEVICES="",
-        # one compiled shm comm op per DeepSpeed version: the two stacks' builds are not interchangeable
-        TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "torch_extensions" / f"deepspeed-{deepspeed.__version__}"),
-    )
     # one launch per threshold: a second DeepSpeed engine in the same processes was seen to abort
     # ("terminate called without an active exception") on a loaded machine
     for persistence in ("0", "default"):
-        command = [
-            sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-            str(DEEPSPEED_SCRIPT), "--persistence", persistence, "--output_dir", str(folder),
-        ]  # fmt: skip
-        result = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=600, cwd=DEEPSPEED_SCRIPT.parent
-        )
-        log = result.stdout + result.stderr
+        result = launch_two_ranks(DEEPSPEED_SCRIPT, ["--persistence", persistence, "--output_dir", str(folder)])
+        log = result.stdout
         assert result.returncode == 0, f"deepspeed run (threshold {persistence}) failed:\n{log[-6000:]}"
     return folder
 

@@ -15,9 +15,9 @@ import os
 from typing import Any
 
 import torch
+from ds_common import zero_config
 from peft import LoraConfig, get_peft_model
 from trl import SFTConfig, SFTTrainer
-from zero_configs import zero_config
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ds_common import stable_gather, zero_config
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
-from zero_configs import zero_config
 
 from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
@@ -37,11 +37,9 @@ GLOBAL_BATCH = 4
 
 
 def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
-    """Full tensors through DeepSpeed's own gather (collective)."""
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-        return [p.detach().clone().float().cpu() for _, p in params]
+    """Full tensors through DeepSpeed's own gather (collective), retried until stable (see stable_gather)."""
+    full = stable_gather(params)
+    return [full[n] for n, _ in params]
 
 
 class Recorder(TrainerCallback):

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ds_common import stable_gather, zero_config
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
-from zero_configs import zero_config
 
 import trl_ema_plugin.integrations.trl.callback as callback_module
 from trl_ema_plugin import WeightAveragingCallback, attach
@@ -53,35 +53,11 @@ def world() -> tuple[int, int]:
 REGATHERS: list[str] = []
 
 
-def _gather_once(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        return {n: p.detach().clone().float().cpu() for n, p in named}
-
-
 def gathered_trainable(model: torch.nn.Module, where: str = "") -> dict[str, torch.Tensor]:
-    """Full trainable weights, through DeepSpeed's own gather under ZeRO-3 (collective).
-
-    With DeepSpeed 0.18.9 on CPU, ``GatheredParameters`` now and then returns a few uninitialised
-    elements (in about half of the runs, once or twice per run, already at train begin, before
-    the averaging callback has done anything; never seen with 0.19.8). The training losses are
-    unaffected, and the plugin never uses that gather. The recorder gathers until two
-    consecutive gathers agree, and reports where it had to (``regathers``).
-    """
+    """Full trainable weights through DeepSpeed's own gather (see ds_common.stable_gather); retries are
+    reported in ``REGATHERS``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not any(hasattr(p, "ds_tensor") for _, p in named):
-        return {n: p.detach().clone().float().cpu() for n, p in named}
-    previous = _gather_once(named)
-    for _ in range(3):
-        current = _gather_once(named)
-        agree = torch.tensor([int(all(torch.equal(previous[n], current[n]) for n in current))])
-        dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank takes the same branch (collectives follow)
-        if agree.item():
-            return current
-        REGATHERS.append(where)
-        previous = current
-    raise RuntimeError("DeepSpeed's GatheredParameters returned different values three times in a row")
+    return stable_gather(named, on_retry=lambda: REGATHERS.append(where))
 
 
 class Recorder(TrainerCallback):

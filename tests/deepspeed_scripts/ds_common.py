@@ -1,0 +1,62 @@
+"""Shared by the 2-rank CPU test scripts: DeepSpeed configs and a reliable reference gather."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def zero_config(stage: int, persistence: str = "default") -> dict[str, Any]:
+    """ZeRO-`stage` for CPU runs: small buckets (the defaults allocate gigabytes).
+
+    ``persistence``: ``"default"`` leaves ``stage3_param_persistence_threshold`` out, so DeepSpeed's own
+    100,000 applies and every LoRA tensor stays gathered between forwards; a number sets it (0: none does).
+    """
+    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": 1_000_000}
+    if stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=1_000_000)
+        if persistence != "default":
+            zero["stage3_param_persistence_threshold"] = int(persistence)
+    else:
+        zero.update(allgather_bucket_size=1_000_000, overlap_comm=False, contiguous_gradients=True)
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 1_000_000,
+    }
+
+
+def _gather_once(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {n: p.detach().clone().float().cpu() for n, p in named}
+
+
+def stable_gather(
+    named: list[tuple[str, torch.nn.Parameter]], on_retry: Callable[[], None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Full tensors through DeepSpeed's own gather under ZeRO-3 (collective), independent of our layouts.
+
+    With DeepSpeed 0.18.9 on CPU, ``GatheredParameters`` now and then returns a few uninitialised
+    elements (in about half of the runs, already at train begin, before any callback of ours acts;
+    never seen with 0.19.8). Training is unaffected. So gather until two consecutive gathers agree.
+    """
+    if not any(hasattr(p, "ds_tensor") for _, p in named):
+        return {n: p.detach().clone().float().cpu() for n, p in named}
+    previous = _gather_once(named)
+    for _ in range(3):
+        current = _gather_once(named)
+        agree = torch.tensor([int(all(torch.equal(previous[n], current[n]) for n in current))])
+        dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank takes the same branch (collectives follow)
+        if agree.item():
+            return current
+        if on_retry is not None:
+            on_retry()
+        previous = current
+    raise RuntimeError("DeepSpeed's GatheredParameters returned different values three times in a row")
