@@ -50,7 +50,7 @@ def stable_gather(
     if not any(hasattr(p, "ds_tensor") for _, p in named):
         return {n: p.detach().clone().float().cpu() for n, p in named}
     previous = _gather_once(named)
-    for _ in range(3):
+    for _ in range(8):
         current = _gather_once(named)
         agree = torch.tensor([int(all(torch.equal(previous[n], current[n]) for n in current))])
         dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank takes the same branch (collectives follow)
@@ -59,4 +59,4 @@ def stable_gather(
         if on_retry is not None:
             on_retry()
         previous = current
-    raise RuntimeError("DeepSpeed's GatheredParameters returned different values three times in a row")
+    raise RuntimeError("DeepSpeed's GatheredParameters returned different values eight times in a row")
