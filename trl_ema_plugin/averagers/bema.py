@@ -78,11 +78,7 @@ class BEMA(Averager):
             theta = self.views("theta_last")
         alpha = self.alpha(at_update)
         # out = EMA + α (θ − θ0)
-        torch._foreach_sub_(copy_into(out, theta), self.views("theta0"))
+        copy_all(out, theta)
+        torch._foreach_sub_(out, self.views("theta0"))
         torch._foreach_mul_(out, alpha)
         torch._foreach_add_(out, self.views("ema"))
-
-
-def copy_into(out: list[Tensor], src: list[Tensor]) -> list[Tensor]:
-    copy_all(out, src)
-    return out
