@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from trl_ema_plugin.experiments.cpu_launch import (
+    deepspeed_shm_buffers,
+    free_port,
+    remove_deepspeed_shm_buffers,
+    two_rank_command,
+)
+
 warnings.filterwarnings("ignore")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ one run (worker)
@@ -127,10 +127,11 @@ def launch(label: str, zero: int | None, options: argparse.Namespace, root: Path
         command = [sys.executable, *script]
     else:
         env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-        command = [*launcher, "--master_port", str(free_port()), *script, "--zero", str(zero)]
+        command = two_rank_command(port := free_port(), *script, "--zero", str(zero))
     start = time.perf_counter()
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if zero is not None:
+        remove_deepspeed_shm_buffers(deepspeed_shm_buffers(port))
     if result.returncode != 0 or not (out / "result.json").is_file():
         raise SystemExit(f"{label} failed:\n{result.stdout[-4000:]}")
     print(f"  {label}: {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -6,6 +6,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cpu
 stacks=${STACKS:-latest axolotl}
+# DeepSpeed on CPU never unlinks its /dev/shm all-reduce buffers (~66 MB per rank per launch, in RAM;
+# the tests unlink their own). Remove earlier runs' leftovers of this user unless a launch is running.
+if ! pgrep -f "deepspeed.launcher|torchrun|accelerate launch" >/dev/null; then
+  rm -f /dev/shm/deepspeed_allreduce_buffer_"$(id -u)"_*
+fi
+echo "memory: $(free -g | awk '/^Mem:/ {print $7 " GiB available of " $2}'), /dev/shm: $(df -h /dev/shm | awk 'NR==2 {print $3 " used"}')"
 status=0
 for stack in $stacks; do
   venv=$(bash scripts/venv.sh "$stack") || { echo "::error:: could not build the $stack venv"; status=1; continue; }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -35,6 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent / "deepspeed_scripts"))
 
 import torch  # noqa: E402
 
+from trl_ema_plugin.experiments.cpu_launch import (  # noqa: E402
+    deepspeed_shm_buffers,
+    free_port,
+    remove_deepspeed_shm_buffers,
+    two_rank_command,
+)
 from trl_ema_plugin.experiments.tiny import (  # noqa: E402
     tiny_dpo_dataset,
     tiny_llama,
@@ -65,11 +70,13 @@ def dpo_data():
     return tiny_dpo_dataset(16, seed=0), tiny_dpo_dataset(8, seed=1)
 
 
-def free_port() -> int:
-    """A TCP port the OS hands out, for distinct --master_port values under pytest-xdist."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(autouse=True)
+def _unlink_leaked_deepspeed_shared_memory():
+    """Every DeepSpeed start-up on CPU leaks ~66 MB per rank in /dev/shm (RAM); a full suite leaks
+    gigabytes and the OOM killer ends the run. Unlink what this test's processes left behind."""
+    before = deepspeed_shm_buffers()
+    yield
+    remove_deepspeed_shm_buffers(deepspeed_shm_buffers() - before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,14 +135,13 @@ def launch_two_ranks(script: Path, args: list[str], timeout: int = 600) -> subpr
     """
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for attempt in (1, 2):
-        command = [
-            sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-            str(script), *args,
-        ]  # fmt: skip
+        port = free_port()
+        command = two_rank_command(port, str(script), *args)
         result = subprocess.run(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
             cwd=script.parent,
         )  # fmt: skip
+        remove_deepspeed_shm_buffers(deepspeed_shm_buffers(port))
         if result.returncode == 0 or attempt == 2:
             return result
         errors = [line for line in result.stdout.splitlines() if "Error" in line or "terminate" in line][:10]

@@ -1,0 +1,40 @@
+"""Launching 2-rank DeepSpeed runs on CPU (tests, benchmarks), and cleaning up after them.
+
+DeepSpeed's CPU shared-memory all-reduce (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) creates one
+~66 MB ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank at start-up and
+never unlinks it. ``/dev/shm`` is RAM, so each CPU launch leaks ~66 MB x world size until reboot;
+a few hundred launches fill the machine and the OOM killer takes the next job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def free_port() -> int:
+    """A TCP port the OS hands out, for a distinct ``--master_port`` per launch."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_rank_command(master_port: int, *script_and_args: str) -> list[str]:
+    """``deepspeed --num_gpus 2 --master_port <port> script args`` with this interpreter."""
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    return [*launcher, "--master_port", str(master_port), *script_and_args]
+
+
+def deepspeed_shm_buffers(master_port: int | str = "*") -> set[Path]:
+    """This user's DeepSpeed CPU all-reduce buffers in ``/dev/shm`` (of one launch, or all)."""
+    return set(SHARED_MEMORY.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"))
+
+
+def remove_deepspeed_shm_buffers(paths: set[Path]) -> None:
+    """Unlink leaked buffers; call only after the processes that mapped them have exited."""
+    for path in paths:
+        path.unlink(missing_ok=True)
