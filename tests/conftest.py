@@ -17,15 +17,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only overs
 
 
 def _deepspeed_extensions_dir() -> None:
-    """One build cache per DeepSpeed version: 0.18 and 0.19 overwrite each other's shm comm op otherwise."""
+    """One JIT build cache per venv (and so per DeepSpeed version): venvs sharing one cache rebuild
+    DeepSpeed's shm comm op over each other. A build killed midway (OOM) leaves torch's ``lock`` file,
+    and every later run waits on it forever; no build takes 15 minutes, so an older lock is stale."""
+    import hashlib
+    import time
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         ds_version = version("deepspeed")
     except PackageNotFoundError:
         return
-    default = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"deepspeed-{ds_version}")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default)
+    venv_key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    default = Path.home() / ".cache" / "torch_extensions" / f"deepspeed-{ds_version}-{venv_key}"
+    extensions = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(default)))
+    for lock in extensions.glob("*/lock"):
+        if time.time() - lock.stat().st_mtime > 15 * 60:
+            warnings.warn(f"removing a stale torch extension build lock: {lock}", stacklevel=1)
+            lock.unlink(missing_ok=True)
 
 
 _deepspeed_extensions_dir()
