@@ -45,16 +45,22 @@ def sft_args(output_dir: str, **overrides: Any) -> SFTConfig:
     return SFTConfig(**values)
 
 
-def sft_trainer(output_dir: str, callbacks: list, peft: str | None = "lora", **overrides: Any) -> SFTTrainer:
+def sft_trainer(
+    output_dir: str,
+    callbacks: list,
+    peft: str | LoraConfig | None = "lora",
+    model: torch.nn.Module | None = None,
+    **overrides: Any,
+) -> SFTTrainer:
+    """SFTTrainer on the tiny Llama (or ``model``); ``peft`` names a LoRA kind or is a LoraConfig."""
     tokenizer = tiny_tokenizer()
-    model = tiny_llama(tokenizer, seed=0)
     return SFTTrainer(
-        model=model,
+        model=model if model is not None else tiny_llama(tokenizer, seed=0),
         args=sft_args(output_dir, **overrides),
         train_dataset=tiny_sft_dataset(32, seed=0),
         eval_dataset=tiny_sft_dataset(8, seed=1),
         processing_class=tokenizer,
-        peft_config=lora_config(peft) if peft else None,
+        peft_config=lora_config(peft) if isinstance(peft, str) else peft,
         callbacks=callbacks,
     )
 

@@ -38,10 +38,21 @@ def write_averaged_weights(
         _write_partitioned_full_model(model, averaged, folder)
         return
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    aliases = _tied_aliases(model)
     for name, tensor in averaged.items():
-        state[name] = tensor.to(dtype=state[name].dtype, device="cpu") if name in state else tensor.cpu()
+        tensor = tensor.to(dtype=state[name].dtype, device="cpu") if name in state else tensor.cpu()
+        for alias in aliases.get(name, [name]):  # tied weights (lm_head = embeddings) share one average
+            state[alias] = tensor
     with torch.no_grad():
         model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name (as ``named_parameters()`` gives it) → every name of that parameter object."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_by_param.setdefault(id(param), []).append(name)
+    return {name: names_by_param[id(param)] for name, param in model.named_parameters()}
 
 
 def _write_partitioned_full_model(model: nn.Module, averaged: dict[str, Tensor], folder: Path) -> None:
