@@ -268,3 +268,28 @@ def test_resume_on_one_process_from_a_two_rank_checkpoint(two_ranks, sft_zero, t
     assert_adapter_equals(out / "averaged", hand_bema(trajectory, MAX_STEPS, start=bema_start))
     ema_start = {"step": SAVE_STEPS, "ema": state("ema", "ema")}
     assert_adapter_equals(out / "averaged-ema", hand_ema(trajectory, MAX_STEPS, start=ema_start))
+
+
+def test_full_finetune_under_zero3_writes_the_averaged_model(tmp_path):
+    """No PEFT: every parameter is partitioned; saving gathers the averages once and writes a full model
+    (``model.safetensors`` + config) that ``from_pretrained`` loads, equal to the hand average."""
+    folder = tmp_path / "full"
+    args = ["--zero", "3", "--persistence", "0", "--output_dir", str(folder), "--max_steps", str(SAVE_STEPS), "--full"]
+    result = launch_two_ranks(SCRIPT, args)
+    assert result.returncode == 0 and (folder / "report.json").is_file(), (
+        f"deepspeed run failed:\n{result.stdout[-8000:]}"
+    )
+    run = _load_run(folder)
+    assert [r["layout"] for r in run["report"]["ranks"]] == ["Zero3Layout"] * 2
+    expected = hand_bema(run["trajectory"], SAVE_STEPS)
+    assert "model.embed_tokens.weight" in expected and "lm_head.weight" in expected  # not an adapter
+    for where in (folder / f"checkpoint-{SAVE_STEPS}" / "averaged", folder / "averaged"):
+        written = load_file(str(where / "model.safetensors"))
+        assert set(written) == set(expected)
+        for name, value in expected.items():
+            assert torch.equal(written[name], value), f"{where}: {name}"
+    from transformers import LlamaForCausalLM
+
+    loaded = dict(LlamaForCausalLM.from_pretrained(str(folder / "averaged")).named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(loaded[name].detach(), value), name

@@ -1,4 +1,5 @@
-"""One SFTTrainer + LoRA run on the tiny model with WeightAveragingCallback, under DeepSpeed or not.
+"""One SFTTrainer run on the tiny model with WeightAveragingCallback, under DeepSpeed or not: LoRA, or
+full fine-tuning with ``--full``.
 
 Launched by tests/test_deepspeed.py as
 ``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port P sft_zero.py --zero 3 --output_dir D``
@@ -125,15 +126,16 @@ def build_trainer(
     persistence: str = "default",
     max_steps: int = 6,
     save_steps: int = 3,
+    full: bool = False,
 ) -> tuple[SFTTrainer, WeightAveragingCallback, Recorder, Inspector]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torch.distributed starts inside SFTConfig
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = tiny_llama(tokenizer, seed=0)
     torch.manual_seed(1)  # LoRA A initialisation: identical on every rank and in the 1-process twin
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-    )
+    if not full:
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
     args = SFTConfig(
         output_dir=output_dir,
         max_steps=max_steps,
@@ -177,9 +179,10 @@ def run(
     persistence: str = "default",
     resume_from: str | None = None,
     max_steps: int = 6,
+    full: bool = False,
 ) -> dict[str, Any]:
     """Train, then write (rank 0) ``report.json`` and ``trajectory.pt`` into ``output_dir``."""
-    trainer, averaging, recorder, inspector = build_trainer(output_dir, zero, persistence, max_steps)
+    trainer, averaging, recorder, inspector = build_trainer(output_dir, zero, persistence, max_steps, full=full)
     if resume_from is not None:
         attach(trainer)  # the checkpoint lies outside output_dir
     trainer.train(resume_from_checkpoint=resume_from)
@@ -232,9 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--persistence", default="default", help="stage3_param_persistence_threshold, or 'default'")
     parser.add_argument("--resume_from", default=None)
     parser.add_argument("--max_steps", type=int, default=6)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     args, _ = parser.parse_known_args(argv)  # the deepspeed launcher adds --local_rank
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(args.output_dir, args.zero, args.persistence, args.resume_from, args.max_steps)
+    run(args.output_dir, args.zero, args.persistence, args.resume_from, args.max_steps, args.full)
 
 
 if __name__ == "__main__":
