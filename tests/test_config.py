@@ -19,12 +19,16 @@ from trl_ema_plugin import AveragerSpec, WeightAveragingCallback, WeightAveragin
         ({"method": "bema", "lag": -1}, r"lag"),
         ({"method": "bema", "multiplier": 0}, r"multiplier"),
         ({"method": "bema", "min_ema_multiplier": 2}, r"min_ema_multiplier"),
-        ({"method": "ema", "inv_gamma": 0}, r"inv_gamma"),
+        ({"method": "ema", "inv_gamma": 0, "use_ema_warmup": True}, r"inv_gamma"),
         ({"method": "bema", "update_every": 2, "update_freq": 2}, r"update_every or its alias update_freq"),
         ({"method": "bema", "decay": 0.9}, r"decay do\(es\) not apply to method='bema'"),
         ({"method": "ema", "ema_power": 0.5}, r"ema_power do\(es\) not apply to method='ema'"),
         ({"method": "ema", "name": "has space"}, r"name='has space'"),
         ({"method": "ema", "unknown_key": 1}, r"unknown_key"),
+        ({"method": "ema", "options": {"decay": 5.0}}, r"options sets decay: set them as keys of their own"),
+        ({"method": "ema", "options": {"foo": 1}}, r"options foo are not arguments of method='ema'"),
+        ({"method": "ema", "power": 0.75}, r"power shape\(s\) the EMA warm-up: set use_ema_warmup=True"),
+        ({"method": "ema", "inv_gamma": 2.0}, r"inv_gamma shape\(s\) the EMA warm-up"),
     ],
 )
 def test_bad_averager_settings(kwargs, pattern):

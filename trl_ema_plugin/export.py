@@ -16,16 +16,19 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def write_averaged_weights(
-    model: nn.Module, averaged: dict[str, Tensor], folder: Path, adapter_name: str = "default"
+    model: nn.Module, averaged: dict[str, Tensor], folder: Path, adapter_name: str | None = None
 ) -> None:
     """Save ``averaged`` (parameter name → full tensor) into ``folder``.
 
     PeftModel: ``adapter_model.safetensors`` + ``adapter_config.json``, cast to the adapter's
-    dtype, as ``PeftModel.save_pretrained`` would write them. Otherwise the model's state dict
+    dtype, as ``PeftModel.save_pretrained`` would write them (``adapter_name``: default the model's
+    active adapter, the one being trained). Otherwise the model's state dict
     with the averaged tensors in place, through ``save_pretrained``.
     """
     if is_peft_model(model):
         from peft import get_peft_model_state_dict
+
+        adapter_name = adapter_name or model.active_adapter
 
         dtypes = {n: p.dtype for n, p in model.named_parameters()}
         state = {n: t.to(dtype=dtypes.get(n, t.dtype)) for n, t in averaged.items()}

@@ -68,7 +68,11 @@ def write_state(folder: Path, tensors: dict[str, Tensor], metadata: dict[str, An
     (folder / STATE_JSON).write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
-def read_state(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_state(
+    folder: str | os.PathLike[str], global_step: int | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and metadata saved by :func:`write_state`; ``global_step``: the step the trainer resumed at,
+    which must be the step the state was saved at."""
     folder = Path(folder)
     json_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
     if not json_path.is_file() or not tensor_path.is_file():
@@ -77,5 +81,10 @@ def read_state(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{json_path} has format_version={metadata.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
+    if global_step is not None and metadata.get("global_step") != global_step:
+        raise ValueError(
+            f"{json_path} was saved at step {metadata.get('global_step')}, but the trainer resumed at step "
+            f"{global_step}: the averager state belongs to another checkpoint (check resume_from_checkpoint)"
         )
     return load_file(str(tensor_path)), metadata

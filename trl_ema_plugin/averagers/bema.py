@@ -20,9 +20,10 @@ class BEMA(Averager):
     are TRL's: ``ema_power`` κ, ``bias_power`` η, ``lag`` ρ, ``multiplier`` γ,
     ``min_ema_multiplier`` β_min.
 
-    Memory: two fp32 copies (θ_0, EMA). The output needs θ at the last update step; when
-    updates are sparser than steps (``keep_last_weights``), a third copy keeps it, because
-    θ̂ between updates must not mix the EMA of step t with the weights of a later step.
+    Memory: two fp32 copies (θ_0, EMA). The output needs θ at the last update step; when the
+    live weights can differ from it (``keep_last_weights``: updates sparser than steps, or the
+    trainer loading the best checkpoint at the end), a third copy keeps it, because θ̂ must not
+    mix the EMA of step t with other weights.
     """
 
     buffer_names = ("theta0", "ema", "theta_last")
@@ -69,13 +70,13 @@ class BEMA(Averager):
     def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:
         at_update = self.last_update_step
         assert at_update is not None
-        if at_update != t:
-            if not self.keep_last_weights:
-                raise RuntimeError(
-                    f"BEMA needs θ from its last update (step {at_update}) at step {t}; "
-                    "build it with keep_last_weights=True when update_every > 1"
-                )
-            theta = self.views("theta_last")
+        if self.keep_last_weights:
+            theta = self.views("theta_last")  # the live weights may be newer, or another checkpoint's
+        elif at_update != t:
+            raise RuntimeError(
+                f"BEMA needs θ from its last update (step {at_update}) at step {t}; "
+                "build it with keep_last_weights=True when update_every > 1"
+            )
         alpha = self.alpha(at_update)
         # out = EMA + α (θ − θ0)
         copy_all(out, theta)

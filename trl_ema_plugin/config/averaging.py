@@ -90,6 +90,24 @@ class AveragerSpec(BaseModel):
                 f"{', '.join(stray)} do(es) not apply to method={self.method!r}; "
                 f"its hyper-parameters are: {', '.join(sorted(hyperparameter_names(self.method)))}"
             )
+        warmup_shape = sorted({"inv_gamma", "power"} & self.model_fields_set)
+        if warmup_shape and not self.use_ema_warmup:
+            raise ValueError(f"{', '.join(warmup_shape)} shape(s) the EMA warm-up: set use_ema_warmup=True too")
+        return self
+
+    @model_validator(mode="after")
+    def _options_are_extra_constructor_arguments(self) -> AveragerSpec:
+        """``options`` carries a third-party averager's own arguments, never a field of this model."""
+        fields = sorted(set(self.options) & set(type(self).model_fields))
+        if fields:
+            raise ValueError(f"options sets {', '.join(fields)}: set them as keys of their own, where they are checked")
+        accepted = hyperparameter_names(self.method) - set(type(self).model_fields)
+        unknown = sorted(set(self.options) - accepted)
+        if unknown:
+            raise ValueError(
+                f"options {', '.join(unknown)} are not arguments of method={self.method!r}; "
+                f"it takes: {', '.join(sorted(accepted)) or 'no extra options'}"
+            )
         return self
 
     # ------------------------------------------------------------------------
@@ -108,12 +126,17 @@ class AveragerSpec(BaseModel):
         values = {n: getattr(self, n) for n in names if n in type(self).model_fields}
         return {**values, **self.options}
 
-    def build(self):  # -> Averager
-        """Instantiate the averager this spec describes."""
+    def build(self, live_weights_may_move: bool = False):  # -> Averager
+        """Instantiate the averager this spec describes.
+
+        An averager whose output reads θ at the last update (BEMA) keeps its own copy of it when the
+        live weights can differ from that θ: updates sparser than steps, or ``live_weights_may_move``
+        (the trainer loads the best checkpoint's weights at the end).
+        """
         cls = averager_class(self.method)
         kwargs = self.hyperparameters()
         if "keep_last_weights" in inspect.signature(cls.__init__).parameters:
-            kwargs["keep_last_weights"] = self.cadence > 1
+            kwargs["keep_last_weights"] = self.cadence > 1 or live_weights_may_move
         return cls(**kwargs)
 
     def first_update_step(self) -> int:

@@ -130,6 +130,11 @@ class DPOReferenceConfig(BaseModel):
                     f"{', '.join(stray)} do(es) not apply to method='tr_dpo'; it takes ref_model_sync_steps "
                     "(τ) and ref_model_mixup_alpha (α) only (or pick method=ema with decay=1−α)"
                 )
+            if self.offload and self.hard_update:
+                raise ValueError(
+                    "offload does not apply to the TR-DPO hard update (ref_model_mixup_alpha=1.0): it keeps no "
+                    "averager state to offload"
+                )
         else:
             stray = sorted(given & set(TR_DPO_FIELDS))
             if stray:

@@ -20,14 +20,21 @@ class AveragedWeights:
     ``step(t)`` drives the cadence of the spec (start at ``update_after``, then an update every
     ``update_every`` steps); the averager holds the math. The state lives in fp32 on
     ``device`` (the training device, or CPU when offloaded), one buffer per averager buffer,
-    each sized like this rank's part of the weights.
+    each sized like this rank's part of the weights. ``live_weights_may_move``: the live weights
+    may stop being θ of the last step (``load_best_model_at_end``), see :meth:`AveragerSpec.build`.
     """
 
-    def __init__(self, spec: AveragerSpec, layout: ShadowLayout, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        spec: AveragerSpec,
+        layout: ShadowLayout,
+        device: torch.device | str | None = None,
+        live_weights_may_move: bool = False,
+    ) -> None:
         self.spec = spec
         self.layout = layout
         self.device = torch.device(device) if device is not None else layout.device
-        self.averager: Averager = spec.build()
+        self.averager: Averager = spec.build(live_weights_may_move)
         self.averager.allocate(layout.local_sizes(), self.device)
 
     @property
@@ -120,6 +127,12 @@ class AveragedWeights:
                 f"checkpoint holds averager {self.name!r} with method={saved_spec.method!r}, "
                 f"but this run asks for method={self.spec.method!r}"
             )
+        changed = _changed_settings(saved_spec, self.spec)
+        if changed:
+            raise ValueError(
+                f"checkpoint holds averager {self.name!r} with other settings than this run ({'; '.join(changed)}); "
+                "resume with the saved settings, or give the new average another name"
+            )
         saved_params = metadata["parameters"]
         expected = {n: list(s) for n, s in zip(self.layout.names, self.layout.shapes, strict=True)}
         if saved_params != expected:
@@ -131,7 +144,25 @@ class AveragedWeights:
         for buffer in self.averager.buffers:
             keys = [f"{buffer}/{n}" for n in self.layout.names]
             if any(k not in tensors for k in keys):
-                raise ValueError(f"checkpoint state of averager {self.name!r} lacks buffer {buffer!r}")
+                raise ValueError(
+                    f"checkpoint state of averager {self.name!r} lacks buffer {buffer!r}; "
+                    + ("it is kept only with load_best_model_at_end=True or update_every > 1, so resume with the "
+                       "saved run's load_best_model_at_end" if buffer == "theta_last" else "the checkpoint is incomplete")
+                )  # fmt: skip
             local = self.layout.local_part([tensors[k] for k in keys])
             torch._foreach_copy_(self.averager.views(buffer), [x.to(self.device) for x in local])
         self.averager.load_counters(metadata["counters"])
+
+
+def _settings(spec: AveragerSpec) -> dict[str, Any]:
+    return {"update_after": spec.update_after, "update_every": spec.cadence, **spec.hyperparameters()}
+
+
+def _changed_settings(saved: AveragerSpec, requested: AveragerSpec) -> list[str]:
+    """``key: saved → requested`` for every setting of the average that differs."""
+    old, new = _settings(saved), _settings(requested)
+    return [
+        f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]

@@ -10,6 +10,7 @@ a checkpoint outside ``output_dir`` is found on resume.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from .callback import WeightAveragingCallback
@@ -36,12 +37,14 @@ def _record_resume_argument(trainer: Any, callbacks: list[Any]) -> None:
     if getattr(trainer.train, "_trl_ema_plugin_wrapped", False):
         return
     original = trainer.train
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def train(*args: Any, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+    def train(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind_partial(*args, **kwargs)  # positional or keyword, as Trainer.train takes it
         for callback in callbacks:
-            callback.resume_from_checkpoint = resume_from_checkpoint
-        return original(*args, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            callback.resume_from_checkpoint = bound.arguments.get("resume_from_checkpoint")
+        return original(*args, **kwargs)
 
     train._trl_ema_plugin_wrapped = True  # type: ignore[attr-defined]
     trainer.train = train

@@ -85,7 +85,9 @@ class WeightAveragingCallback(TrainerCallback):
         named = trainable_parameters(self.model)
         layout = build_layout(named, args)
         device = torch.device("cpu") if self.config.offload else None
-        self.weights = {spec.label: AveragedWeights(spec, layout, device) for spec in self.config.averagers}
+        # the trainer loads the best checkpoint before on_train_end: the export must not read those weights as θ_T
+        moves = bool(getattr(args, "load_best_model_at_end", False))
+        self.weights = {spec.label: AveragedWeights(spec, layout, device, moves) for spec in self.config.averagers}
 
     def on_train_begin(
         self,
@@ -102,7 +104,7 @@ class WeightAveragingCallback(TrainerCallback):
         resume = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
         if resume is not None:
             self._repair_resumed_adapters(resume, args)
-            self.load(resume)
+            self.load(resume, state.global_step)
         for weights in self.weights.values():
             weights.step(state.global_step)
 
@@ -167,8 +169,8 @@ class WeightAveragingCallback(TrainerCallback):
         self, weights: AveragedWeights, prefix: str, dataloader: Any, state: TrainerState
     ) -> dict[str, float]:
         with weights.swapped_in(self._step):
-            if self.trainer is not None and prefix == averaged_prefix("eval", weights.name):
-                return evaluate_with_trainer(self.trainer, prefix)
+            if self.trainer is not None:
+                return evaluate_with_trainer(self.trainer, prefix, dataloader)
             if dataloader is None:
                 raise ValueError("averaged evaluation got no eval_dataloader; call trl_ema_plugin.attach(trainer)")
             loss = mean_eval_loss(self.model, dataloader)
@@ -198,8 +200,8 @@ class WeightAveragingCallback(TrainerCallback):
                 write_averaged_weights(self.model, averaged, folder)
                 write_state(folder, state_tensors, weights.state_metadata(), global_step)
 
-    def load(self, checkpoint: str | os.PathLike[str]) -> None:
-        """Restore every averager from ``checkpoint`` (on every rank; any world size)."""
+    def load(self, checkpoint: str | os.PathLike[str], global_step: int | None = None) -> None:
+        """Restore every averager from ``checkpoint`` (on every rank; any world size), saved at ``global_step``."""
         for index, (name, weights) in enumerate(self.weights.items()):
             folder = Path(checkpoint) / averager_folder(name, primary=index == 0)
             if not folder.is_dir():
@@ -210,7 +212,7 @@ class WeightAveragingCallback(TrainerCallback):
                 warnings.warn(message, UserWarning, stacklevel=2)
                 logger.warning(message)
                 continue
-            tensors, metadata = read_state(folder)
+            tensors, metadata = read_state(folder, global_step)
             weights.load_state(tensors, metadata)
 
     def attach_to(self, trainer: Any) -> None:

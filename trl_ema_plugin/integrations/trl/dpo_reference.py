@@ -143,7 +143,7 @@ class AveragedReferenceCallback(TrainerCallback):
         if resume is not None:
             if zero_stage(args) is None:
                 restore_policy_adapter(self.model, resume)
-            self.load(resume)
+            self.load(resume, state.global_step)
         if self.weights is not None:
             self.weights.step(state.global_step)
         self._warn_if_never_synced(state.max_steps)
@@ -254,8 +254,9 @@ class AveragedReferenceCallback(TrainerCallback):
             write_state(folder, tensors, metadata, global_step)
 
     @torch.no_grad()
-    def load(self, checkpoint: str | os.PathLike[str]) -> None:
-        """Restore the reference adapter and the averager from ``checkpoint/dpo_reference/`` (every rank)."""
+    def load(self, checkpoint: str | os.PathLike[str], global_step: int | None = None) -> None:
+        """Restore the reference adapter and the averager from ``checkpoint/dpo_reference/`` (every rank),
+        saved at ``global_step``."""
         assert self.reference is not None
         folder = Path(checkpoint) / REFERENCE_FOLDER
         if not folder.is_dir():
@@ -267,7 +268,7 @@ class AveragedReferenceCallback(TrainerCallback):
             logger.warning(message)
             self.reference.write_local([t.clone() for t in self.policy.local_tensors()])
             return
-        tensors, metadata = read_state(folder)
+        tensors, metadata = read_state(folder, global_step)
         keys = [f"{_REFERENCE_KEY}{n}" for n in self.reference.names]
         missing = [k for k in keys if k not in tensors]
         if missing:

@@ -73,14 +73,18 @@ def _sum_over_ranks(total: float, count: int, device: torch.device) -> tuple[flo
 
 
 @torch.no_grad()
-def evaluate_with_trainer(trainer: Any, prefix: str) -> dict[str, float]:
+def evaluate_with_trainer(trainer: Any, prefix: str, dataloader: Any = None) -> dict[str, float]:
     """Every metric of ``trainer``'s own evaluation loop, named ``<prefix>_<metric>``, and logged.
 
-    Runs ``trainer.evaluation_loop`` rather than ``trainer.evaluate`` so that other callbacks do not
-    receive a second ``on_evaluate`` (early stopping would see metrics without ``eval_loss``). TRL
-    trainers accumulate extra metrics in ``trainer._metrics["eval"]``; they get the same prefix.
+    ``dataloader``: the one the raw evaluation just used (``eval_dataloader`` of ``on_evaluate``), so that
+    ``trainer.evaluate(eval_dataset=...)`` and dict eval sets compare like with like; default: the
+    trainer's eval set. Runs ``trainer.evaluation_loop`` rather than ``trainer.evaluate`` so that other
+    callbacks do not receive a second ``on_evaluate`` (early stopping would see metrics without
+    ``eval_loss``). TRL trainers accumulate extra metrics in ``trainer._metrics["eval"]``; they get the
+    same prefix.
     """
-    dataloader = trainer.get_eval_dataloader()
+    if dataloader is None:
+        dataloader = trainer.get_eval_dataloader()
     output = trainer.evaluation_loop(dataloader, description=f"Evaluation of {prefix}", metric_key_prefix=prefix)
     metrics = dict(output.metrics)
     extra = getattr(trainer, "_metrics", None)

@@ -28,13 +28,18 @@ def resolve_resume_path(requested: str | bool | None, args: Any) -> str | None:
 def find_resume_checkpoint(explicit: str | bool | None, args: Any, global_step: int) -> str | None:
     """The checkpoint folder the trainer resumed from, or None for a fresh run.
 
-    ``explicit`` is the argument of ``trainer.train`` when :func:`attach` recorded it. Without it,
-    ``args.resume_from_checkpoint`` or ``output_dir/checkpoint-<global_step>`` is used.
+    A run that starts at step 0 did not resume (the trainer restores ``global_step`` before
+    ``on_train_begin``; it ignores ``TrainingArguments.resume_from_checkpoint``). ``explicit`` is the
+    argument of ``trainer.train`` when :func:`attach` recorded it. Without it,
+    ``args.resume_from_checkpoint`` (set by scripts that pass it on, such as Axolotl's) or
+    ``output_dir/checkpoint-<global_step>`` is used.
     """
+    if global_step == 0:
+        return None
     path = resolve_resume_path(explicit, args)
     if path is None:
         path = resolve_resume_path(getattr(args, "resume_from_checkpoint", None), args)
-    if path is None and global_step > 0:
+    if path is None:
         path = checkpoint_folder(args, global_step)
         if not os.path.isdir(path):
             raise ValueError(
