@@ -47,6 +47,7 @@ from trl_ema_plugin.experiments.cpu_launch import (  # noqa: E402
     deepspeed_shm_buffers,
     free_port,
     remove_deepspeed_shm_buffers,
+    remove_unused_deepspeed_shm_buffers,
     two_rank_command,
 )
 from trl_ema_plugin.experiments.tiny import (  # noqa: E402
@@ -82,10 +83,10 @@ def dpo_data():
 @pytest.fixture(autouse=True)
 def _unlink_leaked_deepspeed_shared_memory():
     """Every DeepSpeed start-up on CPU leaks ~66 MB per rank in /dev/shm (RAM); a full suite leaks
-    gigabytes and the OOM killer ends the run. Unlink what this test's processes left behind."""
-    before = deepspeed_shm_buffers()
+    gigabytes and the OOM killer ends the run. After each test, unlink the buffers no process maps
+    (never those of a launch still running, e.g. in a concurrent test session)."""
     yield
-    remove_deepspeed_shm_buffers(deepspeed_shm_buffers() - before)
+    remove_unused_deepspeed_shm_buffers()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 SHARED_MEMORY = Path("/dev/shm")
@@ -38,3 +39,37 @@ def remove_deepspeed_shm_buffers(paths: set[Path]) -> None:
     """Unlink leaked buffers; call only after the processes that mapped them have exited."""
     for path in paths:
         path.unlink(missing_ok=True)
+
+
+def remove_unused_deepspeed_shm_buffers(min_age_s: float = 5.0) -> None:
+    """Unlink this user's buffers that no live process maps (safe beside other running launches).
+
+    A rank creates its buffer, then maps it; a buffer younger than ``min_age_s`` may be in that
+    window and is kept. Deleting a live launch's buffer would leave its other ranks waiting forever.
+    """
+    buffers = deepspeed_shm_buffers()
+    if not buffers:
+        return
+    in_use = _mapped_shm_buffers()
+    now = time.time()
+    for path in buffers:
+        try:
+            young = now - path.stat().st_mtime < min_age_s
+        except FileNotFoundError:
+            continue
+        if not young and str(path) not in in_use:
+            path.unlink(missing_ok=True)
+
+
+def _mapped_shm_buffers() -> set[str]:
+    """Paths of DeepSpeed buffers that some process has mapped (``/proc/<pid>/maps``)."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process exited, or belongs to another user
+            continue
+        for line in text.splitlines():
+            if "deepspeed_allreduce_buffer" in line:
+                mapped.add(line.split(maxsplit=5)[-1].removesuffix(" (deleted)"))
+    return mapped
