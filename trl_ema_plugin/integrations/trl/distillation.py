@@ -191,7 +191,9 @@ class SelfDistillationCallback(TrainerCallback):
         if scaled and num_items_in_batch is not None:
             denominator = torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
             if getattr(self.trainer.args, "average_tokens_across_devices", False):
-                denominator = denominator / self.trainer.accelerator.num_processes
+                # as transformers scales the task loss: by the data-parallel world (ranks of one TP group share data)
+                tensor_parallel = self.trainer.get_tp_size() if hasattr(self.trainer, "get_tp_size") else 1
+                denominator = denominator / (self.trainer.accelerator.num_processes // tensor_parallel)
             return denominator
         return max(count, 1) * (accumulation if scaled else 1)
 

@@ -33,6 +33,7 @@ from ..parallel import build_layout, is_writer, zero_stage
 from .callback import unwrap_model
 from .checkpoint_adapters import restore_policy_adapter
 from .resume import checkpoint_folder, find_resume_checkpoint
+from .twin_adapter import add_twin_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,7 @@ def add_reference_adapter(model: nn.Module, peft_config: Any = None) -> nn.Modul
         )
     if REFERENCE_ADAPTER in model.peft_config:
         return model
-    model.add_adapter(REFERENCE_ADAPTER, model.peft_config[POLICY_ADAPTER])
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if f".{POLICY_ADAPTER}." in name:
-                twin = model.get_parameter(name.replace(f".{POLICY_ADAPTER}.", f".{REFERENCE_ADAPTER}."))
-                twin.copy_(param)
-                twin.requires_grad_(False)
+    add_twin_adapter(model, POLICY_ADAPTER, REFERENCE_ADAPTER)
     return model
 
 

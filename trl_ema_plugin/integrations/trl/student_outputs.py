@@ -42,19 +42,34 @@ def _hidden(output: Any) -> Tensor:
 
 
 def output_logits(causal_lm: nn.Module, hidden: Tensor) -> Tensor:
-    """Logits ``head(h)`` as the model's forward computes them (``logit_scale`` and ``final_logit_softcapping``).
+    """Logits ``head(h)`` as the model's forward computes them: times :func:`logit_multiplier`, then
+    ``final_logit_softcapping`` (Gemma 2/3).
 
     Calls the head *module*, so DeepSpeed ZeRO-3 gathers its weight, and an adapter on the head applies.
     """
     logits = causal_lm.get_output_embeddings()(hidden)
     config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        logits = logits * scale
+    multiplier = logit_multiplier(config)
+    if multiplier is not None:
+        logits = logits * multiplier
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def logit_multiplier(config: Any) -> float | None:
+    """The factor a model applies to ``head(h)``, read as TRL's fused LM head reads it: ``logit_scale``
+    (Cohere), ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1), else ``1/logits_scaling``
+    (Granite, MiniCPM3; HyperCLOVA X multiplies by it). None: unscaled."""
+    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return None
+    return scaling if getattr(config, "model_type", None) == "hyperclovax" else 1.0 / scaling
 
 
 @dataclass

@@ -8,7 +8,6 @@ parameters, so under ZeRO-3 each rank writes its own shard.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,16 +18,7 @@ from torch import nn
 from ...export import is_peft_model
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name
 from ..parallel import build_layout
-
-
-def _requires_grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
-    return [(p, p.requires_grad) for p in model.parameters()]
-
-
-def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
-    for param, flag in flags:
-        if param.requires_grad != flag:
-            param.requires_grad_(flag)
+from .twin_adapter import add_twin_adapter, requires_grad_flags, restore_requires_grad
 
 
 class TeacherAdapter:
@@ -49,9 +39,7 @@ class TeacherAdapter:
         self.name = name
         self.source = source
         if name not in model.peft_config:
-            flags = _requires_grad_flags(model)
-            model.add_adapter(name, copy.deepcopy(model.peft_config[source]))
-            _restore_requires_grad(flags)  # leaves the trained adapter exactly as it was
+            add_twin_adapter(model, source, name)
         for param_name, param in model.named_parameters():
             if f".{name}." in param_name:
                 param.requires_grad_(False)
@@ -106,7 +94,7 @@ class TeacherAdapter:
         """
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
-        flags = _requires_grad_flags(model)
+        flags = requires_grad_flags(model)
         previous = model.active_adapter
         try:
             with torch.no_grad():
@@ -115,6 +103,6 @@ class TeacherAdapter:
                 yield
         finally:
             model.set_adapter(previous)
-            _restore_requires_grad(flags)
+            restore_requires_grad(flags)
             for module, mode in modes:
                 module.training = mode
