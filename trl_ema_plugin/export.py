@@ -59,13 +59,15 @@ def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _write_partitioned_full_model(model: nn.Module, averaged: dict[str, Tensor], folder: Path) -> None:
-    """ZeRO-3 full fine-tuning: ``model.state_dict()`` holds empty partitions, so write the gathered tensors."""
+    """ZeRO-3 full fine-tuning: ``model.state_dict()`` holds empty partitions, so write the gathered tensors
+    (in the model's dtype, as the unpartitioned branch; tied weights are written once and re-tied on load)."""
     frozen = [n for n, _ in model.named_parameters() if n not in averaged]
     if frozen:
         raise ValueError(
             f"cannot export a full model under ZeRO-3 when some parameters are frozen (e.g. {frozen[0]!r}): "
             "their partitions are not gathered; train a PEFT adapter, or unfreeze every parameter"
         )
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in averaged.items()}
+    dtypes = {n: getattr(p, "ds_tensor", p).dtype for n, p in model.named_parameters()}
+    tensors = {n: t.detach().to("cpu", dtype=dtypes.get(n, t.dtype)).contiguous() for n, t in averaged.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(str(folder))
