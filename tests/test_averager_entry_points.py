@@ -119,3 +119,30 @@ def test_without_the_distribution_the_name_is_rejected():
         ValueError, match=r"weight_averaging: 'sma' is not allowed \(allowed: bema \| dema \| ema \| ouema"
     ):
         weight_averaging_config_from_flat({"weight_averaging": "sma"})
+
+
+BAD_ENTRY_POINTS = {
+    "import fails": (
+        "broken = thirdparty_missing_module:Nothing",
+        r"entry point broken = .* failed to load: ModuleNotFoundError",
+    ),
+    "not an Averager": ("notone = os.path:join", r"entry point notone = 'os.path:join' .* is not a subclass"),
+    "takes a built-in name": ("ema = thirdparty_sma:SimpleMovingAverage", r"method 'ema' is already registered by EMA"),
+}
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_ENTRY_POINTS.values(), ids=BAD_ENTRY_POINTS.keys())
+def test_a_bad_entry_point_is_a_clear_error_that_names_it(tmp_path, line, message):
+    site = tmp_path / "site"
+    _install_third_party(site)
+    (site / "thirdparty_sma-0.1.dist-info" / "entry_points.txt").write_text(f"[trl_ema_plugin.averagers]\n{line}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    check = (
+        "import re, sys\nfrom trl_ema_plugin import AveragerSpec\n"
+        "try:\n    AveragerSpec(method='ema')\nexcept ValueError as exc:\n"
+        "    print(str(exc)); sys.exit(0 if re.search(sys.argv[1], str(exc)) else 3)\nsys.exit(4)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check, message], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]

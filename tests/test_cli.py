@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -137,6 +138,19 @@ def test_errors_are_clear(run, tmp_path, capsys):
     assert "no averager named 'nope'" in capsys.readouterr().err
     assert main([str(run / "base"), "-o", str(tmp_path / "x")]) == 2
     assert "holds no averaged weights" in capsys.readouterr().err
+    # an output that is the run itself, or any non-empty folder, or a file: refused, nothing written
+    before = sorted(p.name for p in (run / "out").iterdir())
+    assert main([str(run / "out"), "-o", str(run / "out")]) == 2
+    assert f"--output {run / 'out'} is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "out").iterdir()) == before
+    (tmp_path / "file").write_text("x")
+    assert main([str(checkpoint), "-o", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    # a run folder without a final export names the checkpoints that hold averages
+    partial = tmp_path / "partial"
+    shutil.copytree(checkpoint, partial / "checkpoint-4")
+    assert main([str(partial), "-o", str(tmp_path / "y")]) == 2
+    assert "its checkpoints that hold some: checkpoint-4" in capsys.readouterr().err
     assert main([str(checkpoint), "-o", str(tmp_path / "x"), "--base-model", "m"]) == 2
     assert "only with --merge" in capsys.readouterr().err
 

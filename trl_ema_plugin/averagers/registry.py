@@ -30,15 +30,24 @@ def register_averager(name: str) -> Callable[[type[Averager]], type[Averager]]:
 
 
 def _load_entry_points() -> None:
+    """Register every installed third-party averager once; a broken one is an error that names it."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
-    _entry_points_loaded = True
+    from .base import Averager
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        cls = ep.load()
+        where = f"entry point {ep.name} = {ep.value!r} (group {ENTRY_POINT_GROUP})"
+        try:
+            cls = ep.load()
+        except Exception as exc:
+            raise ValueError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
+        if not (isinstance(cls, type) and issubclass(cls, Averager)):
+            raise ValueError(f"{where} is not a subclass of trl_ema_plugin.Averager")
+        if ep.name in _REGISTRY and _REGISTRY[ep.name] is not cls:
+            raise ValueError(f"{where}: method {ep.name!r} is already registered by {_REGISTRY[ep.name].__qualname__}")
         register_averager(ep.name)(cls)
+    _entry_points_loaded = True
 
 
 def registered_methods() -> list[str]:

@@ -71,6 +71,6 @@ def ema_export(
         if merge and base_model is None:
             base_model = cfg.get("base_model")
         written = run_export(source, output, name=name, merge=merge, base_model=base_model, dtype=dtype)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"ema-export: wrote {'merged model' if merge else 'averaged weights'} to {written}")

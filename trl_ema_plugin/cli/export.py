@@ -83,9 +83,18 @@ def find_averaged_folder(source: str | Path, name: str | None = None) -> Average
     """The folder of averager ``name`` (default: the primary) in ``source``."""
     found = list_averagers(source)
     if not found:
+        checkpoints = sorted(
+            (
+                p
+                for p in Path(source).glob("checkpoint-*")
+                if p.name.removeprefix("checkpoint-").isdigit() and list_averagers(p)
+            ),
+            key=lambda p: int(p.name.removeprefix("checkpoint-")),
+        )
+        hint = f"; its checkpoints that hold some: {', '.join(p.name for p in checkpoints)}" if checkpoints else ""
         raise FileNotFoundError(
             f"{source} holds no averaged weights: expected {PRIMARY_FOLDER}/ or {PRIMARY_FOLDER}-<name>/ "
-            f"with {STATE_JSON} (a run's output_dir or one of its checkpoint-N folders)"
+            f"with {STATE_JSON} (a run's output_dir or one of its checkpoint-N folders){hint}"
         )
     if name is None:
         return found[0]
@@ -172,13 +181,25 @@ def run_export(
     base_model: str | None = None,
     dtype: str = "auto",
 ) -> Path:
-    """What the command does: find the averager folder, then export or merge it."""
+    """What the command does: find the averager folder, then export or merge it into a new or empty ``output``."""
     folder = find_averaged_folder(source, name)
+    check_output_folder(output)
     if merge:
         return merge_into_base(folder, output, base_model=base_model, dtype=dtype)
     if base_model is not None or dtype != "auto":
         raise ValueError("--base-model and --dtype apply only with --merge")
     return export_adapter(folder, output)
+
+
+def check_output_folder(output: str | Path) -> None:
+    """Refuse an ``output`` that is a file or a non-empty folder (the run itself, an earlier export, ...)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; pass a new or empty folder")
+    if output.is_dir() and any(output.iterdir()):
+        raise ValueError(
+            f"--output {output} is not empty; pass a new or empty folder, so no file is overwritten or mixed"
+        )
 
 
 def describe(folders: list[AveragedFolder]) -> str:
@@ -213,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.output:
             parser.error("--output is required (or pass --list)")
         written = run_export(args.source, args.output, args.name, args.merge, args.base_model, args.dtype)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"ema-export: error: {exc}", file=sys.stderr)
         return 2
     print(f"ema-export: wrote {'merged model' if args.merge else 'averaged weights'} to {written}")
