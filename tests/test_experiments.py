@@ -304,3 +304,6 @@ def test_a_run_locked_by_a_live_process_is_left_to_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(done.stdout.strip())  # that process has exited: the lock is stale
     assert _claim(tmp_path, run) == lock and lock.read_text() == str(os.getpid())
+    lock.unlink()
+    result_path(tmp_path, run).write_text("{}")  # finished by another process after the caller looked
+    assert _claim(tmp_path, run) is None and not lock.exists()

@@ -174,14 +174,31 @@ def _claim(out: Path, run: PlannedRun) -> Path | None:
     """Lock ``run`` for this process (``runs/<id>.running`` holds the pid); None if another live process holds it."""
     lock = result_path(out, run).with_suffix(".running")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    if lock.exists():
+    for _ in range(2):
         try:
-            os.kill(int(lock.read_text().strip() or 0), 0)
-            return None  # a live process is running it (e.g. a second `--studies` process on the same folder)
-        except (ValueError, ProcessLookupError, PermissionError):
-            pass  # stale lock of a process that died: take the run over
-    lock.write_text(str(os.getpid()))
-    return lock
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+        except FileExistsError:
+            if _holder_alive(lock):
+                return None  # a live process is running it (e.g. a second `--studies` process on the same folder)
+            lock.unlink(missing_ok=True)  # stale lock of a process that died: take the run over
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(str(os.getpid()))
+        if result_path(out, run).exists():  # finished by another process since the caller looked
+            lock.unlink(missing_ok=True)
+            return None
+        return lock
+    return None
+
+
+def _holder_alive(lock: Path) -> bool:
+    try:
+        os.kill(int(lock.read_text().strip() or 0), 0)
+    except PermissionError:
+        return True  # the process exists (another user's)
+    except (ValueError, ProcessLookupError, FileNotFoundError):
+        return False
+    return True
 
 
 def run_studies(
