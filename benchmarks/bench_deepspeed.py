@@ -24,12 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from trl_ema_plugin.experiments.cpu_launch import (
-    deepspeed_shm_buffers,
-    free_port,
-    remove_deepspeed_shm_buffers,
-    two_rank_command,
-)
+from trl_ema_plugin.experiments.cpu_launch import run_two_ranks
 
 warnings.filterwarnings("ignore")
 
@@ -123,15 +118,14 @@ def launch(label: str, zero: int | None, options: argparse.Namespace, root: Path
     script = [str(Path(__file__).resolve()), "--worker", "--out", str(out)]
     script += ["--hidden", str(options.hidden), "--rank", str(options.rank), "--steps", str(options.steps)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    if zero is None:
-        command = [sys.executable, *script]
-    else:
-        env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
-        command = two_rank_command(port := free_port(), *script, "--zero", str(zero))
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if zero is not None:
-        remove_deepspeed_shm_buffers(deepspeed_shm_buffers(port))
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    output = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    start = time.perf_counter()
+    if zero is None:
+        result = subprocess.run([sys.executable, *script], **output)
+    else:
+        result = run_two_ranks([*script, "--zero", str(zero)], **output)
     if result.returncode != 0 or not (out / "result.json").is_file():
         raise SystemExit(f"{label} failed:\n{result.stdout[-4000:]}")
     print(f"  {label}: {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -44,11 +44,8 @@ sys.path.insert(0, str(Path(__file__).parent / "deepspeed_scripts"))
 import torch  # noqa: E402
 
 from trl_ema_plugin.experiments.cpu_launch import (  # noqa: E402
-    deepspeed_shm_buffers,
-    free_port,
-    remove_deepspeed_shm_buffers,
     remove_unused_deepspeed_shm_buffers,
-    two_rank_command,
+    run_two_ranks,
 )
 from trl_ema_plugin.experiments.tiny import (  # noqa: E402
     tiny_dpo_dataset,
@@ -145,13 +142,10 @@ def launch_two_ranks(script: Path, args: list[str], timeout: int = 600) -> subpr
     """
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for attempt in (1, 2):
-        port = free_port()
-        command = two_rank_command(port, str(script), *args)
-        result = subprocess.run(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-            cwd=script.parent,
+        result = run_two_ranks(
+            [str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=timeout, cwd=script.parent,
         )  # fmt: skip
-        remove_deepspeed_shm_buffers(deepspeed_shm_buffers(port))
         if result.returncode == 0 or attempt == 2:
             return result
         errors = [line for line in result.stdout.splitlines() if "Error" in line or "terminate" in line][:10]

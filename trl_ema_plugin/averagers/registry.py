@@ -44,9 +44,10 @@ def _load_entry_points() -> None:
             raise ValueError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
         if not (isinstance(cls, type) and issubclass(cls, Averager)):
             raise ValueError(f"{where} is not a subclass of trl_ema_plugin.Averager")
-        if ep.name in _REGISTRY and _REGISTRY[ep.name] is not cls:
-            raise ValueError(f"{where}: method {ep.name!r} is already registered by {_REGISTRY[ep.name].__qualname__}")
-        register_averager(ep.name)(cls)
+        try:
+            register_averager(ep.name)(cls)  # refuses a name taken by another class
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     _entry_points_loaded = True
 
 

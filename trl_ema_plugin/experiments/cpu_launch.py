@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 SHARED_MEMORY = Path("/dev/shm")
 
@@ -24,10 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_rank_command(master_port: int, *script_and_args: str) -> list[str]:
-    """``deepspeed --num_gpus 2 --master_port <port> script args`` with this interpreter."""
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-    return [*launcher, "--master_port", str(master_port), *script_and_args]
+def run_two_ranks(script_and_args: Sequence[str], **run_kwargs: Any) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus 2 --master_port <free port> script args`` with this interpreter
+    (``run_kwargs`` go to :func:`subprocess.run`), then unlink the launch's ``/dev/shm`` buffers."""
+    port = free_port()
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
+    try:
+        return subprocess.run([*launcher, *script_and_args], **run_kwargs)
+    finally:
+        remove_deepspeed_shm_buffers(deepspeed_shm_buffers(port))
 
 
 def deepspeed_shm_buffers(master_port: int | str = "*") -> set[Path]:

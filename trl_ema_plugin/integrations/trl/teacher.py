@@ -18,7 +18,7 @@ from torch import nn
 from ...export import is_peft_model
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name
 from ..parallel import build_layout
-from .twin_adapter import add_twin_adapter, requires_grad_flags, restore_requires_grad
+from .twin_adapter import add_twin_adapter, freeze_adapter, requires_grad_flags, restore_requires_grad
 
 
 class TeacherAdapter:
@@ -40,9 +40,8 @@ class TeacherAdapter:
         self.source = source
         if name not in model.peft_config:
             add_twin_adapter(model, source, name)
-        for param_name, param in model.named_parameters():
-            if f".{name}." in param_name:
-                param.requires_grad_(False)
+        else:
+            freeze_adapter(model, name)
         self.layout: ShadowLayout | None = None
         self._bound: AveragedWeights | None = None
         self._signature: tuple[Any, ...] | None = None

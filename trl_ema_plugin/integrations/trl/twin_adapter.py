@@ -37,6 +37,11 @@ def add_twin_adapter(model: nn.Module, source: str, name: str) -> None:
                 twin = model.get_parameter(param_name.replace(f".{source}.", f".{name}."))
                 if twin.shape == param.shape:  # under ZeRO-3 a partitioned source is empty until gathered
                     twin.copy_(param)
-        for param_name, param in model.named_parameters():
-            if f".{name}." in param_name:
-                param.requires_grad_(False)
+                twin.requires_grad_(False)
+
+
+def freeze_adapter(model: nn.Module, name: str) -> None:
+    """Turn off ``requires_grad`` of every parameter of adapter ``name``."""
+    for param_name, param in model.named_parameters():
+        if f".{name}." in param_name:
+            param.requires_grad_(False)
