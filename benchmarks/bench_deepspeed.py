@@ -24,7 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from trl_ema_plugin.experiments.cpu_launch import run_two_ranks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the 2-rank launcher lives with the tests
+from cpu_launch import run_two_ranks
 
 warnings.filterwarnings("ignore")
 
@@ -37,7 +38,7 @@ def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int)
     from trl import SFTConfig, SFTTrainer
 
     from trl_ema_plugin import WeightAveragingCallback
-    from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+    from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
     class TimedAveraging(WeightAveragingCallback):
         """Times the update done in on_step_end."""

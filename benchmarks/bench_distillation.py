@@ -32,7 +32,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
 
 warnings.filterwarnings("ignore")

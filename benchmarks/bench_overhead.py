@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from trl import BEMACallback, SFTConfig, SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
 warnings.filterwarnings("ignore")
 

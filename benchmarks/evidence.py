@@ -7,8 +7,10 @@ See ``python benchmarks/evidence.py --help`` and docs/evidence.md.
 """
 
 import sys
+from pathlib import Path
 
-from trl_ema_plugin.experiments.evidence import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the harness lives in the checkout's experiments/
+from experiments.evidence import main
 
 if __name__ == "__main__":
     sys.exit(main())

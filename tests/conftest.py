@@ -42,12 +42,12 @@ _deepspeed_extensions_dir()
 sys.path.insert(0, str(Path(__file__).parent / "deepspeed_scripts"))
 
 import torch  # noqa: E402
-
-from trl_ema_plugin.experiments.cpu_launch import (  # noqa: E402
+from cpu_launch import (  # noqa: E402
     remove_unused_deepspeed_shm_buffers,
     run_two_ranks,
 )
-from trl_ema_plugin.experiments.tiny import (  # noqa: E402
+
+from trl_ema_plugin.demos.tiny import (  # noqa: E402
     tiny_dpo_dataset,
     tiny_llama,
     tiny_sft_dataset,

@@ -48,7 +48,7 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_ema_plugin import registered_methods
 from trl_ema_plugin.config.flat_keys import weight_averaging_config_from_flat
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 from trl_ema_plugin.integrations.trl import WeightAveragingCallback
 
 out = sys.argv[1]

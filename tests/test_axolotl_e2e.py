@@ -27,13 +27,13 @@ pytest.importorskip(
     "axolotl", reason="could not import 'axolotl': the Axolotl end-to-end tests run on the axolotl stack only"
 )
 
+from cpu_launch import free_port
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from experiments.axolotl_cpu import MODEL_FOLDER, prepare_cpu_workspace
 from trl_ema_plugin.config.flat_keys import weight_averaging_config_from_flat
-from trl_ema_plugin.experiments.axolotl_cpu import MODEL_FOLDER, prepare_cpu_workspace
-from trl_ema_plugin.experiments.cpu_launch import free_port
 
 pytestmark = [pytest.mark.axolotl, pytest.mark.slow]
 

@@ -35,7 +35,7 @@ weight_averaging_eval: false
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tokenizer, sft_data):
     """A 4-step SFT + LoRA run of a saved tiny Llama, with checkpoints at steps 2 and 4."""
-    from trl_ema_plugin.experiments.tiny import tiny_llama
+    from trl_ema_plugin.demos.tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("cli")
     base = root / "base"

@@ -212,7 +212,7 @@ def _eval_loss_of(adapter_folder: Path, tmp_path: Path) -> float:
     from peft import PeftModel
     from trl import SFTConfig, SFTTrainer
 
-    from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+    from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
     module = _script()
     tokenizer = tiny_tokenizer()

@@ -214,7 +214,7 @@ def test_dpo_distills_on_the_chosen_completions(tmp_path, tokenizer, model, dpo_
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, tokenizer, sft_data):
-    from trl_ema_plugin.experiments.tiny import tiny_llama
+    from trl_ema_plugin.demos.tiny import tiny_llama
 
     runs = {}
     for accumulation, batch in ((1, 4), (2, 2)):
@@ -286,7 +286,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tokenizer, sft_data):
     Checkpoints also hold the ``ema_teacher/`` adapter (PEFT saves every adapter); transformers loads
     it back on resume, which must leave the teacher frozen and the student the only trainable adapter.
     """
-    from trl_ema_plugin.experiments.tiny import tiny_llama
+    from trl_ema_plugin.demos.tiny import tiny_llama
 
     def make():
         return sft_trainer(

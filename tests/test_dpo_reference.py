@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trl_ema_plugin.config.dpo_reference import DPOReferenceConfig
-from trl_ema_plugin.experiments.tiny import tiny_llama
+from trl_ema_plugin.demos.tiny import tiny_llama
 from trl_ema_plugin.integrations.trl import WeightAveragingCallback, attach
 from trl_ema_plugin.integrations.trl.dpo_reference import (
     REFERENCE_FOLDER,

@@ -19,13 +19,12 @@ import textwrap
 
 import pytest
 
-from trl_ema_plugin import WeightAveragingCallback
-from trl_ema_plugin.experiments import smollm2
-from trl_ema_plugin.experiments.demo import main as demo_main
-from trl_ema_plugin.experiments.evidence import main as evidence_main
-from trl_ema_plugin.experiments.report import RESULTS_BEGIN, RESULTS_END
-from trl_ema_plugin.experiments.runner import PRESETS, load_model, sft_data
-from trl_ema_plugin.experiments.stdlib_data import (
+from experiments import smollm2
+from experiments.demo import main as demo_main
+from experiments.evidence import main as evidence_main
+from experiments.report import RESULTS_BEGIN, RESULTS_END
+from experiments.runner import PRESETS, load_model, sft_data
+from experiments.stdlib_data import (
     corrupt_body,
     functions_in_source,
     split_functions,
@@ -33,7 +32,8 @@ from trl_ema_plugin.experiments.stdlib_data import (
     stdlib_dpo_dataset,
     stdlib_sft_dataset,
 )
-from trl_ema_plugin.experiments.studies import SFT_AVERAGERS, load_results, plan, result_path, run_studies
+from experiments.studies import SFT_AVERAGERS, load_results, plan, result_path, run_studies
+from trl_ema_plugin import WeightAveragingCallback
 
 SMOKE = dataclasses.replace(
     PRESETS["tiny"],
@@ -145,7 +145,7 @@ def test_gguf_file_not_found_names_where_it_looked(monkeypatch, tmp_path):
 
 
 def test_missing_gguf_package_says_how_to_install():
-    code = "import sys; sys.modules['gguf'] = None\nfrom trl_ema_plugin.experiments.smollm2 import require_gguf\nrequire_gguf()"
+    code = "import sys; sys.modules['gguf'] = None\nfrom experiments.smollm2 import require_gguf\nrequire_gguf()"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "needs the 'gguf' package" in done.stderr and "pip install gguf" in done.stderr
@@ -294,7 +294,7 @@ def test_cli_rejects_unknown_study(tmp_path):
 
 
 def test_a_run_locked_by_a_live_process_is_left_to_it(tmp_path):
-    from trl_ema_plugin.experiments.studies import _claim
+    from experiments.studies import _claim
 
     run = plan(SMOKE, ("sft",))[0]
     lock = result_path(tmp_path, run).with_suffix(".running")

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from trl_helpers import WeightRecorder, hand_ema, sft_trainer
 
 from trl_ema_plugin import WeightAveragingCallback
-from trl_ema_plugin.experiments.tiny import tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_tokenizer
 
 EMA_KW = dict(method="ema", decay=0.6, update_after=1, update_every=1)
 

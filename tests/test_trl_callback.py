@@ -14,7 +14,7 @@ from trl import BEMACallback
 from trl_helpers import WeightRecorder, hand_bema, hand_ema, lora_config, sft_trainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_tokenizer
 
 BEMA_KW = dict(method="bema", update_every=1, update_after=2, lag=3.0, multiplier=0.5, ema_power=0.6, bias_power=0.3)
 
@@ -237,7 +237,7 @@ def test_no_trainable_parameters_is_a_clear_error(tmp_path):
 def test_dpo_averaged_evaluation_without_attach_fails_before_training(tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset
+    from trl_ema_plugin.demos.tiny import tiny_dpo_dataset
 
     tokenizer = tiny_tokenizer()
     args = DPOConfig(

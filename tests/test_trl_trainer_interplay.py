@@ -13,7 +13,7 @@ from trl import SFTTrainer
 from trl_helpers import WeightRecorder, hand_bema, lora_config, sft_args, sft_trainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 from trl_ema_plugin.persistence import read_state, write_state
 
 BEMA_KW = dict(method="bema", update_every=1, update_after=1, lag=3.0, ema_power=0.6, bias_power=0.3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.dpo_reference import add_reference_adapter
 from trl_ema_plugin.integrations.trl.teacher import TeacherAdapter
 

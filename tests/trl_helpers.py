@@ -9,7 +9,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
 
 def lora_config(kind: str = "lora") -> LoraConfig:

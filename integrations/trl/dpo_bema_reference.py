@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
-from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
 
 

@@ -11,7 +11,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
 
 def main() -> None:

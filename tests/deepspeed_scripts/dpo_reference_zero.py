@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from trl_ema_plugin.experiments.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
 
 #: BEMA with non-default settings: it starts at step 1 and moves at every step; "ref" is written at steps 2 and 4

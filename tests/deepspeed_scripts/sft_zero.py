@@ -32,7 +32,7 @@ from trl import SFTConfig, SFTTrainer
 
 import trl_ema_plugin.integrations.trl.callback as callback_module
 from trl_ema_plugin import WeightAveragingCallback, attach
-from trl_ema_plugin.experiments.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
 #: the averagers of every run: BEMA (primary) and EMA, with non-default settings so both move
 AVERAGERS: list[dict[str, Any]] = [

@@ -21,7 +21,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 
-from ..integrations.trl import WeightAveragingCallback, attach
+from trl_ema_plugin.integrations.trl import WeightAveragingCallback, attach
+
 from .stdlib_data import stdlib_dpo_dataset, stdlib_sft_dataset
 
 MODELS = ("smollm2", "tiny")
@@ -91,7 +92,7 @@ def scale_named(name: str) -> Scale:
 def load_model(scale: Scale, seed: int = 0):
     """``(model, tokenizer)`` for ``scale.model``: the pretrained SmolLM2 copy, or a tiny random Llama."""
     if scale.model == "tiny":
-        from .tiny import tiny_llama, tiny_tokenizer
+        from trl_ema_plugin.demos.tiny import tiny_llama, tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
         return tiny_llama(tokenizer, seed=seed), tokenizer
@@ -103,7 +104,7 @@ def load_model(scale: Scale, seed: int = 0):
 def load_tokenizer(scale: Scale):
     """The tokenizer of ``scale.model`` alone (no weights loaded)."""
     if scale.model == "tiny":
-        from .tiny import tiny_tokenizer
+        from trl_ema_plugin.demos.tiny import tiny_tokenizer
 
         return tiny_tokenizer()
     from transformers import AutoTokenizer
@@ -267,7 +268,7 @@ def run_sft(run: SFTRun, train: Dataset, eval_set: Dataset, progress: Any = None
     averaging = TimedWeightAveraging(averagers=run.averagers, eval=evaluate) if run.averagers else None
     callbacks: list[TrainerCallback] = [averaging] if averaging else []
     if run.distillation is not None:
-        from ..integrations.trl.distillation import SelfDistillationCallback
+        from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
 
         if averaging is None:
             raise ValueError("a distillation run needs averagers (its teacher)")
@@ -409,7 +410,7 @@ def run_dpo(run: DPORun, train: Dataset, eval_pairs: Dataset, progress: Any = No
     )  # fmt: skip
     callbacks: list[TrainerCallback] = []
     if run.reference is not None:
-        from ..integrations.trl.dpo_reference import AveragedReferenceCallback
+        from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
 
         callbacks.append(AveragedReferenceCallback(**run.reference))
     probe = StepProbe(progress, eval_every=run.eval_every)

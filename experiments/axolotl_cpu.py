@@ -1,6 +1,6 @@
 """A folder the CPU example configs (``example_configs/cpu/``) run in, built in code (no hub).
 
-    python -m trl_ema_plugin.experiments.axolotl_cpu WORKDIR
+    python -m experiments.axolotl_cpu WORKDIR
     cd WORKDIR && axolotl train /path/to/example_configs/cpu/sft_lora_bema.yml
 
 writes ``tiny-llama/`` (a 2-layer Llama and its byte-level tokenizer, ``save_pretrained``),
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .tiny import tiny_dpo_dataset, tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
 MODEL_FOLDER = "tiny-llama"
 SFT_DATA = "sft.jsonl"

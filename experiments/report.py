@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..averagers.schedules import bias_correction, ema_step_size
+from trl_ema_plugin.averagers.schedules import bias_correction, ema_step_size
 
 VANILLA = {"sft": "raw", "lowdata": "plain", "dpo": "fixed_ref"}
 #: table and legend order of the (b) and (c) runs (the plan's order); other labels follow

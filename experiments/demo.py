@@ -1,7 +1,7 @@
 """Demo: fine-tune SmolLM2-135M-Instruct with LoRA on CPU for a few minutes, with BEMA, and compare.
 
-    python -m trl_ema_plugin.experiments.demo            # real model, ~30 steps (a few minutes on 2 cores)
-    python -m trl_ema_plugin.experiments.demo --tiny     # tiny random model, seconds
+    python -m experiments.demo            # real model, ~30 steps (a few minutes on 2 cores)
+    python -m experiments.demo --tiny     # tiny random model, seconds
 
 Data: prompt = a Python stdlib function's signature + docstring, completion = its body; the
 eval functions come from stdlib modules that training never sees. The run keeps a BEMA average

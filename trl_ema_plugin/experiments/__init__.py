@@ -1,1 +1,0 @@
-"""Experiment helpers: tiny models for tests and demos, the real SmolLM2 loader, offline datasets."""
