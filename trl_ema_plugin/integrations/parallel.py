@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ..distributed import world_size
 from ..shadow import LocalLayout, ShadowLayout
 
 
@@ -56,9 +57,7 @@ def _uses_fsdp(args: Any) -> bool:
 
 def build_layout(named_params: list[tuple[str, nn.Parameter]], args: Any) -> ShadowLayout:
     """LocalLayout in one process; the sharded layouts under torch.distributed / DeepSpeed."""
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = world_size() > 1
     stage = zero_stage(args)
     if stage == 3 or any(hasattr(p, "ds_tensor") for _, p in named_params):
         from .deepspeed import Zero3Layout
@@ -74,16 +73,3 @@ def build_layout(named_params: list[tuple[str, nn.Parameter]], args: Any) -> Sha
 
         return SlicedLayout(named_params)
     return LocalLayout(named_params)
-
-
-def is_writer(state: Any) -> bool:
-    """Whether this process writes shared files: global rank 0 when a process group exists.
-
-    ``state.is_world_process_zero`` is the trainer's view; the process group is checked first so
-    that two processes can never both write (and race on the same folder).
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return bool(state.is_world_process_zero)

@@ -36,9 +36,19 @@ class ShadowLayout(ABC):
     def local_tensors(self) -> list[Tensor]:
         """Live 1-D views of this rank's part of each tensor (no copy; may be empty)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def write_local(self, values: list[Tensor]) -> None:
-        """Set this rank's part of the live weights; the next forward on every rank must see it."""
+        """Set this rank's part of the live weights; the next forward on every rank sees it.
+
+        ``values`` are shaped like :meth:`local_tensors`, of any dtype and device (the fp32 shadow,
+        offloaded or not): each is cast to its live tensor's dtype and device first.
+        """
+        live = self.local_tensors()
+        self._write_live([v.to(dtype=x.dtype, device=x.device) for v, x in zip(values, live, strict=True)])
+
+    @abstractmethod
+    def _write_live(self, values: list[Tensor]) -> None:
+        """:meth:`write_local` with ``values`` already in the live tensors' dtype and device."""
 
     @abstractmethod
     def gather(self, local: list[Tensor]) -> list[Tensor]:
@@ -73,8 +83,7 @@ class LocalLayout(ShadowLayout):
     def local_tensors(self) -> list[Tensor]:
         return [p.detach().view(-1) for p in self.params]
 
-    @torch.no_grad()
-    def write_local(self, values: list[Tensor]) -> None:
+    def _write_live(self, values: list[Tensor]) -> None:
         torch._foreach_copy_(self.local_tensors(), values)
 
     def gather(self, local: list[Tensor]) -> list[Tensor]:

@@ -82,11 +82,7 @@ class AveragedWeights:
         """Run the model with the averaged weights; restore the raw weights bit for bit afterwards."""
         with torch.no_grad():
             backup = [x.clone() for x in self.layout.local_tensors()]
-            averaged = self.average_local(t)
-            self.layout.write_local(
-                [a.to(dtype=b.dtype, device=b.device) for a, b in zip(averaged, backup, strict=True)]
-            )
-            del averaged
+            self.layout.write_local(self.average_local(t))
         try:
             yield
         finally:

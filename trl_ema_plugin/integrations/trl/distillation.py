@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ...config.distillation import SelfDistillationConfig
 from ...distillation import per_token_distillation, teacher_targets
+from ...model_helpers import unwrap_model
 from ...shadow import AveragedWeights
-from .callback import WeightAveragingCallback, unwrap_model
+from .callback import WeightAveragingCallback
+from .lifecycle import PluginCallback
 from .student_outputs import BackboneCall, BackboneRecorder, chosen_positions, label_positions, output_logits
 from .teacher import TeacherAdapter
 
@@ -54,7 +56,7 @@ def _is_dpo(trainer: Any) -> bool:
     return isinstance(trainer, DPOTrainer)
 
 
-class SelfDistillationCallback(TrainerCallback):
+class SelfDistillationCallback(PluginCallback):
     """Self-distillation from an averaged teacher, for TRL ``SFTTrainer`` and ``DPOTrainer``.
 
     ``SFTTrainer(..., callbacks=[WeightAveragingCallback(method="bema", update_every=1),
@@ -64,15 +66,14 @@ class SelfDistillationCallback(TrainerCallback):
     ``top_k``, ``distill_every``, ``adapter_name``).
     """
 
+    config_class = SelfDistillationConfig
+    config: SelfDistillationConfig
+
     def __init__(self, config: SelfDistillationConfig | None = None, **kwargs: Any) -> None:
-        if config is not None and kwargs:
-            raise ValueError("pass either config=SelfDistillationConfig(...) or its fields, not both")
-        self.config = config or SelfDistillationConfig(**kwargs)
-        self.trainer: Any = None
+        super().__init__(config, **kwargs)
         self.averaging: WeightAveragingCallback | None = None
         self.teacher: TeacherAdapter | None = None
         self.recorder: BackboneRecorder | None = None
-        self.resume_from_checkpoint: str | bool | None = None  # set by attach(); unused here
         self.teacher_forwards = 0
         self._dpo = False
         self._own_metrics: dict[str, list[float]] = defaultdict(list)
@@ -105,7 +106,7 @@ class SelfDistillationCallback(TrainerCallback):
             return self._compute_loss(original, model, inputs, return_outputs, num_items_in_batch, **kw)
 
         trainer.compute_loss = compute_loss
-        self.trainer = trainer
+        super().attach_to(trainer)
 
     def _find_averaging(self, trainer: Any) -> WeightAveragingCallback:
         callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, WeightAveragingCallback)]
@@ -133,14 +134,16 @@ class SelfDistillationCallback(TrainerCallback):
         name = self.config.teacher
         return self.averaging.weights[name] if name is not None else self.averaging.primary
 
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    def check_run(self, args: TrainingArguments, state: TrainerState) -> None:
         if self.trainer is None:
             raise ValueError(
                 "SelfDistillationCallback needs the trainer to add its loss term: call trl_ema_plugin.attach(trainer) "
                 "before trainer.train()"
             )
+
+    def resume(self, args: TrainingArguments, state: TrainerState) -> str | None:
+        """Nothing to restore: the teacher is rewritten from the averager, which resumes its own state."""
+        return None
 
     # --------------------------------------------------------------------- loss
     def _compute_loss(

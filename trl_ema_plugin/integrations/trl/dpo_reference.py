@@ -15,27 +15,21 @@ partitioned like the policy's, and each rank writes its own partition.
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ...config.dpo_reference import DPOReferenceConfig
-from ...export import is_peft_model
-from ...persistence import atomic_directory, read_state, write_state
+from ...model_helpers import is_peft_model, unwrap_model
+from ...persistence import write_state_folder
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
-from ..parallel import build_layout, is_writer, zero_stage
-from .callback import unwrap_model
-from .checkpoint_adapters import restore_policy_adapter
-from .resume import checkpoint_folder, find_resume_checkpoint
+from ..parallel import build_layout, zero_stage
+from .lifecycle import PluginCallback, never_updates
 from .twin_adapter import add_twin_adapter
-
-logger = logging.getLogger(__name__)
 
 POLICY_ADAPTER = "default"
 REFERENCE_ADAPTER = "ref"
@@ -76,7 +70,7 @@ def add_reference_adapter(model: nn.Module, peft_config: Any = None) -> nn.Modul
 
 
 # ------------------------------------------------------------------------------------ callback
-class AveragedReferenceCallback(TrainerCallback):
+class AveragedReferenceCallback(PluginCallback):
     """Make the DPO reference ``"ref"`` adapter an averaged copy of the policy adapter.
 
     ``DPOTrainer(model=peft_model, ..., callbacks=[AveragedReferenceCallback(method="bema",
@@ -91,18 +85,14 @@ class AveragedReferenceCallback(TrainerCallback):
     loadable with ``PeftModel.from_pretrained``.
     """
 
+    config_class = DPOReferenceConfig
+    config: DPOReferenceConfig
+
     def __init__(self, method: str | None = None, *, config: DPOReferenceConfig | None = None, **kwargs: Any) -> None:
-        if config is not None and (method is not None or kwargs):
-            raise ValueError("pass either config=DPOReferenceConfig(...) or its fields, not both")
-        if config is None:
-            config = DPOReferenceConfig(**({"method": method} if method is not None else {}), **kwargs)
-        self.config = config
+        super().__init__(config, **({"method": method} if method is not None else {}), **kwargs)
         self.weights: AveragedWeights | None = None
         self.policy: ShadowLayout | None = None
         self.reference: ShadowLayout | None = None
-        self.model: nn.Module | None = None
-        self.trainer: Any = None  # set by attach()
-        self.resume_from_checkpoint: str | bool | None = None  # set by attach()
         self.last_sync_step: int | None = None
 
     # -------------------------------------------------------------------- checks
@@ -112,7 +102,7 @@ class AveragedReferenceCallback(TrainerCallback):
         Adding it here, before ``trainer.train()`` builds the DeepSpeed engine, lets ZeRO-3
         partition the reference adapter like the policy.
         """
-        self.trainer = trainer
+        super().attach_to(trainer)
         check_arguments(trainer.args)
         if getattr(trainer, "ref_model", None) is not None:
             raise ValueError(
@@ -124,23 +114,8 @@ class AveragedReferenceCallback(TrainerCallback):
         add_reference_adapter(model)
 
     # ----------------------------------------------------------------- training
-    def on_train_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module = None,
-        **kwargs: Any,
-    ) -> None:
+    def check_run(self, args: TrainingArguments, state: TrainerState) -> None:
         check_arguments(args)
-        self.setup(model, args)
-        resume = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
-        if resume is not None:
-            if zero_stage(args) is None:
-                restore_policy_adapter(self.model, resume)
-            self.load(resume, state.global_step)
-        if self.weights is not None:
-            self.weights.step(state.global_step)
         self._warn_if_never_synced(state.max_steps)
 
     def setup(self, model: nn.Module, args: TrainingArguments) -> None:
@@ -168,6 +143,10 @@ class AveragedReferenceCallback(TrainerCallback):
         device = torch.device("cpu") if self.config.offload else None
         self.weights = None if spec is None else AveragedWeights(spec, self.policy, device)
 
+    def start(self, global_step: int) -> None:
+        if self.weights is not None:
+            self.weights.step(global_step)
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         step = state.global_step
         if self.weights is not None:
@@ -185,8 +164,7 @@ class AveragedReferenceCallback(TrainerCallback):
             return
         else:
             values = self.weights.average_local(step)
-        live = self.reference.local_tensors()
-        self.reference.write_local([v.to(dtype=r.dtype, device=r.device) for v, r in zip(values, live, strict=True)])
+        self.reference.write_local(values)
         self.last_sync_step = step
 
     def _warn_if_never_synced(self, max_steps: int) -> None:
@@ -194,22 +172,18 @@ class AveragedReferenceCallback(TrainerCallback):
             return
         first = self.config.first_sync_step()
         spec = self.config.averager_spec()
-        message = None
+        reason = None if spec is None else never_updates(spec, max_steps)
         if first > max_steps:
-            message = (
+            self.warn(
                 f"the DPO reference will never move: its first sync is at step {first} (ref_update_every/"
                 f"ref_model_sync_steps={self.config.sync_every}, update_after={self.config.starts_at}), but training "
                 f"stops at step {max_steps}; the reference stays the initial adapter"
             )
-        elif spec is not None and spec.first_update_step() > max_steps:
-            message = (
-                f"the DPO reference averager will never update: it starts at step update_after={spec.update_after} "
-                f"and updates every update_every={spec.cadence} steps, but training stops at step {max_steps}; every "
-                f"sync writes the policy adapter of step {spec.update_after}. Lower update_every (alias update_freq)."
+        elif spec is not None and reason is not None:
+            self.warn(
+                f"the DPO reference averager will never update: {reason}; every sync writes the policy adapter of "
+                f"step {spec.update_after}. Lower update_every (alias update_freq)."
             )
-        if message is not None:
-            warnings.warn(message, UserWarning, stacklevel=2)
-            logger.warning(message)
 
     # ------------------------------------------------------------------- views
     @torch.no_grad()
@@ -224,9 +198,11 @@ class AveragedReferenceCallback(TrainerCallback):
         return 0 if self.weights is None else self.weights.memory_bytes()
 
     # ------------------------------------------------------------ checkpoints
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.reference is not None:
-            self.save(checkpoint_folder(args, state.global_step), state.global_step, is_writer(state))
+    def checkpoint_folders(self) -> list[str]:
+        return [REFERENCE_FOLDER]
+
+    def has_checkpoint_state(self) -> bool:
+        return self.reference is not None
 
     def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
         """Write ``parent/dpo_reference/`` (``averager_state.*``, format of :mod:`~trl_ema_plugin.persistence`,
@@ -245,34 +221,28 @@ class AveragedReferenceCallback(TrainerCallback):
             "last_sync_step": self.last_sync_step,
         }
         # no adapter_model.safetensors here: the trainer would load this folder as an adapter on resume
-        with atomic_directory(Path(parent) / REFERENCE_FOLDER) as folder:
-            write_state(folder, tensors, metadata, global_step)
+        write_state_folder(Path(parent) / REFERENCE_FOLDER, tensors, metadata, global_step)
 
     @torch.no_grad()
     def load(self, checkpoint: str | os.PathLike[str], global_step: int | None = None) -> None:
         """Restore the reference adapter and the averager from ``checkpoint/dpo_reference/`` (every rank),
         saved at ``global_step``."""
-        assert self.reference is not None
-        folder = Path(checkpoint) / REFERENCE_FOLDER
-        if not folder.is_dir():
-            message = (
-                f"resuming from {checkpoint}, which holds no {REFERENCE_FOLDER}/; the DPO reference restarts "
-                "from the current policy adapter"
-            )
-            warnings.warn(message, UserWarning, stacklevel=2)
-            logger.warning(message)
+        assert self.reference is not None and self.policy is not None
+        saved = self.read_checkpoint_state(
+            checkpoint, REFERENCE_FOLDER, global_step, "", "the DPO reference restarts from the current policy adapter"
+        )
+        if saved is None:
             self.reference.write_local([t.clone() for t in self.policy.local_tensors()])
             return
-        tensors, metadata = read_state(folder, global_step)
+        tensors, metadata = saved
+        folder = Path(checkpoint) / REFERENCE_FOLDER
         keys = [f"{_REFERENCE_KEY}{n}" for n in self.reference.names]
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise ValueError(
                 f"{folder} lacks reference tensors, e.g. {missing[0]!r}; was it written for another model?"
             )
-        live = self.reference.local_tensors()
-        parts = self.reference.local_part([tensors[k] for k in keys])
-        self.reference.write_local([p.to(dtype=r.dtype, device=r.device) for p, r in zip(parts, live, strict=True)])
+        self.reference.write_local(self.reference.local_part([tensors[k] for k in keys]))
         if self.weights is not None:
             if metadata.get("averager") is None:
                 raise ValueError(f"{folder} holds no averager state, but this run averages with {self.config.method!r}")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...export import is_peft_model
+from ...model_helpers import is_peft_model
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name
 from ..parallel import build_layout
 from .twin_adapter import add_twin_adapter, freeze_adapter, requires_grad_flags, restore_requires_grad
@@ -77,9 +77,7 @@ class TeacherAdapter:
         if signature == self._signature:
             return False
         assert self.layout is not None
-        values = averaged.average_local(t)
-        live = self.layout.local_tensors()
-        self.layout.write_local([v.to(dtype=x.dtype, device=x.device) for v, x in zip(values, live, strict=True)])
+        self.layout.write_local(averaged.average_local(t))
         self._signature = signature
         return True
 

@@ -1,4 +1,7 @@
-"""Write averaged weights in the format the model was trained in: a PEFT adapter, or a full model."""
+"""The model files of averaged weights, in the format the model trains in: a PEFT adapter, or a full model.
+
+(The ``ema-export`` command, which copies or merges them afterwards, is :mod:`trl_ema_plugin.cli.export`.)
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .model_helpers import is_peft_model
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
 
 
 def write_averaged_weights(
