@@ -27,6 +27,7 @@ pytest.importorskip(
     "axolotl", reason="could not import 'axolotl': the Axolotl end-to-end tests run on the axolotl stack only"
 )
 
+import oracles
 from cpu_launch import free_port
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -87,20 +88,14 @@ def adapter_at(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def hand_bema(run: Path, cfg: dict, last: int) -> dict[str, torch.Tensor]:
+    """The oracle's BEMA (float64) of the primary averager's settings over the recorded adapters θ_τ..θ_last."""
     spec = weight_averaging_config_from_flat(cfg).primary
     assert spec.method == "bema" and spec.cadence == 1 and spec.multiplier == 1.0 and spec.min_ema_multiplier == 0.0
-    tau, lag = spec.update_after, spec.lag
-    trajectory = {t: adapter_at(run, t) for t in range(tau, last + 1)}
-    out = {}
-    for key, theta0 in trajectory[tau].items():
-        theta0 = theta0.double()
-        ema = theta0.clone()
-        for t in range(tau + 1, last + 1):
-            beta = (lag + t) ** -spec.ema_power
-            ema = (1 - beta) * ema + beta * trajectory[t][key].double()
-        alpha = (lag + last) ** -spec.bias_power
-        out[key] = alpha * (trajectory[last][key].double() - theta0) + ema
-    return out
+    trajectory = {t: adapter_at(run, t) for t in range(spec.update_after, last + 1)}
+    return oracles.bema(
+        trajectory, update_after=spec.update_after, lag=spec.lag, ema_power=spec.ema_power,
+        bias_power=spec.bias_power, at=last,
+    )  # fmt: skip
 
 
 def assert_matches_hand_bema(run: Path, cfg: dict, folder: Path, step: int) -> None:
