@@ -23,10 +23,12 @@ from trl_ema_plugin.averagers.base import Averager
 
 class SimpleMovingAverage(Averager):
     buffer_names = ("total",)
+    hyperparameters = ("scale",)  # the settings (options) it takes; a constructor argument is not one by itself
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def __init__(self, scale: float = 1.0, verbose: bool = False) -> None:
         super().__init__()
         self.scale = scale
+        self.verbose = verbose  # a constructor argument, not a setting
 
     def _start(self, theta, t):
         torch._foreach_copy_(self.views("total"), theta)
@@ -37,6 +39,21 @@ class SimpleMovingAverage(Averager):
     def average_into(self, out, theta, t):
         torch._foreach_copy_(out, self.views("total"))
         torch._foreach_mul_(out, self.scale / (self.num_updates + 1))
+
+
+class Undeclared(Averager):
+    """Declares no hyperparameters (Averager has no default): refused when registered."""
+
+    buffer_names = ()
+
+    def _start(self, theta, t):
+        pass
+
+    def _update(self, theta, t):
+        pass
+
+    def average_into(self, out, theta, t):
+        pass
 '''
 
 SCRIPT = """
@@ -64,6 +81,11 @@ try:
     raise AssertionError("decay accepted for sma")
 except ValueError as exc:
     assert "weight_averaging_decay: does not apply to weight_averaging: sma" in str(exc), exc
+try:  # only what the class declares is a setting, not every constructor argument
+    weight_averaging_config_from_flat({"weight_averaging": "sma", "weight_averaging_options": {"verbose": True}})
+    raise AssertionError("verbose accepted for sma")
+except ValueError as exc:
+    assert "options verbose are not arguments of weight_averaging='sma'; it takes: scale" in str(exc), exc
 
 tok = tiny_tokenizer()
 args = SFTConfig(output_dir=out, max_steps=4, save_steps=1, per_device_train_batch_size=4, learning_rate=0.05,
@@ -128,6 +150,10 @@ BAD_ENTRY_POINTS = {
     ),
     "not an Averager": ("notone = os.path:join", r"entry point notone = 'os.path:join' .* is not a subclass"),
     "takes a built-in name": ("ema = thirdparty_sma:SimpleMovingAverage", r"method 'ema' is already registered by EMA"),
+    "declares no hyper-parameters": (
+        "undeclared = thirdparty_sma:Undeclared",
+        r"entry point undeclared = .*: Undeclared declares no hyperparameters: add the class attribute hyperparameters",
+    ),
 }
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trl_ema_plugin import AveragerSpec
-from trl_ema_plugin.averagers import BEMA, DEMA, EMA, OUEMA
+from trl_ema_plugin.averagers import BEMA, DEMA, EMA, OUEMA, register_averager, registered_methods
+from trl_ema_plugin.averagers.schedules import BEMASchedule
 
 
 def trajectory(steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
@@ -135,3 +136,48 @@ def test_buffers_stay_fp32_with_bf16_weights():
     store.step(1)
     assert all(b.dtype == torch.float32 for b in store.averager.buffers.values())
     assert store.averaged_tensors(1)["w"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------ what an averager declares
+def test_each_averager_declares_its_settings_and_refuses_others():
+    assert EMA.hyperparameters == ("decay", "use_ema_warmup", "inv_gamma", "power")
+    assert (
+        BEMA.hyperparameters
+        == OUEMA.hyperparameters
+        == ("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier")
+    )
+    assert DEMA.hyperparameters == ("ema_power", "lag", "multiplier", "min_ema_multiplier")  # no α_t, no η
+    assert BEMA.output_reads_last_update and not DEMA.output_reads_last_update
+    with pytest.raises(
+        TypeError, match=r"DEMA\(\) got unexpected keyword argument\(s\) bias_power; its hyper-parameters"
+    ):
+        DEMA(bias_power=0.2)
+    with pytest.raises(TypeError, match="keep_last_weights"):
+        OUEMA(keep_last_weights=True)  # a BEMA construction argument, not an OUEMA one
+    assert BEMA(lag=3, multiplier=0.5).schedule == BEMASchedule(lag=3, multiplier=0.5)
+
+
+def test_bema_schedule_is_the_paper_formula():
+    schedule = BEMASchedule(ema_power=0.4, bias_power=0.3, lag=3.0, multiplier=0.5, min_ema_multiplier=0.1)
+    for t in (0, 1, 7, 100):
+        assert schedule.beta(t) == max((3.0 + 0.5 * t) ** -0.4, 0.1)
+        assert schedule.alpha(t) == (3.0 + 0.5 * t) ** -0.3
+    assert BEMASchedule(lag=0).alpha(0) == 1.0  # ρ + γt clamped at 1
+
+
+def test_registering_needs_a_declaration_that_the_constructor_takes():
+    undeclared = type("Undeclared", (BEMA,), {"hyperparameters": None})  # as a class that declares nothing
+    with pytest.raises(ValueError, match="Undeclared declares no hyperparameters: add the class attribute"):
+        register_averager("undeclared")(undeclared)
+
+    class Misdeclared(EMA):
+        hyperparameters = ("decay", "momentum")
+
+        def __init__(self, decay: float = 0.9) -> None:
+            super().__init__(decay=decay)
+
+    with pytest.raises(
+        ValueError, match="Misdeclared declares hyperparameters its constructor does not take: momentum"
+    ):
+        register_averager("misdeclared")(Misdeclared)
+    assert "undeclared" not in registered_methods() and "misdeclared" not in registered_methods()

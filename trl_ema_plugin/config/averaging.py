@@ -6,32 +6,52 @@
 
 from __future__ import annotations
 
-import inspect
 import re
+from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
 from ..averagers.registry import averager_class, hyperparameter_names, registered_methods
+from .errors import SettingError, SettingsModel
 
 #: Defaults of every averager hyper-parameter. BEMA/DEMA/OUEMA take TRL's ``BEMACallback``
 #: defaults (``update_freq=400``), EMA updates every step.
 METHOD_DEFAULT_UPDATE_EVERY = {"ema": 1}
 TRL_DEFAULT_UPDATE_EVERY = 400
+#: the fields of an ``AveragerSpec`` that every method takes (the others are hyper-parameters of some)
+FIELDS_OF_EVERY_METHOD = frozenset({"method", "name", "update_every", "update_after", "options"})
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def resolve_update_freq_alias(data: Any) -> Any:
-    """Map TRL's ``update_freq`` onto ``update_every``; both at once is an error."""
-    if isinstance(data, dict) and "update_freq" in data:
-        data = dict(data)
-        if data.get("update_every") is not None:
-            raise ValueError("pass either update_every or its alias update_freq, not both")
-        data["update_every"] = data.pop("update_freq")
-    return data
+def applicable_fields(method: str) -> set[str]:
+    """The ``AveragerSpec`` fields (and ``options`` names) that ``method`` uses."""
+    return set(hyperparameter_names(method)) | FIELDS_OF_EVERY_METHOD
 
 
-class AveragerSpec(BaseModel):
+def not_applicable(stray: Iterable[str], method: str, takes: str, names: dict[str, Any] | None = None) -> SettingError:
+    """``<stray> do(es) not apply to method=<method>; <takes>``: the one message for settings a method does not use.
+
+    ``takes`` says what the method takes instead; it may name fields as ``{placeholder}`` (``names``).
+    """
+    return SettingError(
+        f"{{stray}} do(es) not apply to {{method}}={method!r}; {takes}",
+        names={"stray": sorted(stray), "method": "method", **(names or {})},
+    )
+
+
+def check_fields_apply(fields: Iterable[str], method: str) -> None:
+    """Refuse ``AveragerSpec`` fields that ``method`` does not use, naming the ones it does."""
+    stray = set(fields) - applicable_fields(method)
+    if stray:
+        takes = sorted(n for n in hyperparameter_names(method) if n in AveragerSpec.model_fields)
+        options = sorted(n for n in hyperparameter_names(method) if n not in AveragerSpec.model_fields)
+        tail = "its hyper-parameters are: {takes}" if takes else "it takes none of these"
+        tail += f" (in {{options}}: {', '.join(options)})" if options else ""
+        raise not_applicable(stray, method, tail, {"takes": takes, "options": "options"})
+
+
+class AveragerSpec(SettingsModel):
     """One running average of the trainable weights.
 
     Cadence: ``start`` at step ``update_after`` (θ_0/EMA snapshot), then an update every
@@ -43,7 +63,10 @@ class AveragerSpec(BaseModel):
     method: str = Field("ema", description="ema | bema | dema | ouema, or a registered third-party name")
     name: str | None = Field(None, description="label in metrics and folders; defaults to the method")
     update_every: int | None = Field(
-        None, ge=1, description="optimizer steps between updates (alias update_freq); ema: 1, others: 400 (TRL)"
+        None,
+        ge=1,
+        validation_alias=AliasChoices("update_every", "update_freq"),
+        description="optimizer steps between updates (alias update_freq); ema: 1, others: 400 (TRL)",
     )
     update_after: int = Field(0, ge=0, description="step τ at which averaging starts (θ_0 snapshot)")
     # EMA
@@ -61,38 +84,51 @@ class AveragerSpec(BaseModel):
         default_factory=dict, description="extra keyword arguments of a third-party averager"
     )
 
+    @classmethod
+    def allowed_choices(cls, field: str) -> list[str] | None:
+        return registered_methods() if field == "method" else None
+
     @model_validator(mode="before")
     @classmethod
     def _update_freq_alias(cls, data: Any) -> Any:
-        return resolve_update_freq_alias(data)
+        """TRL's ``update_freq`` is an alias of ``update_every``; both at once is an error."""
+        if isinstance(data, dict) and "update_freq" in data and "update_every" in data:
+            if data["update_every"] is not None:
+                raise SettingError(
+                    "pass either {update_every} or its alias {update_freq}, not both",
+                    names={"update_every": "update_every", "update_freq": "update_freq"},
+                )
+            data = {k: v for k, v in data.items() if k != "update_every"}
+        return data
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        averager_class(method)  # raises with the allowed values
+        methods = registered_methods()
+        if method not in methods:
+            raise SettingError(
+                f"not a registered averager; allowed values: {', '.join(methods)}", field="method", value=method
+            )
         return method
 
     @field_validator("name")
     @classmethod
     def _clean_name(cls, name: str | None) -> str | None:
         if name is not None and not _NAME_PATTERN.match(name):
-            raise ValueError(
-                f"name={name!r} must match {_NAME_PATTERN.pattern} (it becomes a metric infix and a folder)"
+            raise SettingError(
+                f"must match {_NAME_PATTERN.pattern} (it becomes a metric infix and a folder)", field="name", value=name
             )
         return name
 
     @model_validator(mode="after")
     def _fields_apply_to_method(self) -> AveragerSpec:
-        applies = hyperparameter_names(self.method) | {"method", "name", "update_every", "update_after", "options"}
-        stray = sorted(f for f in self.model_fields_set - applies if f in type(self).model_fields)
-        if stray:
-            raise ValueError(
-                f"{', '.join(stray)} do(es) not apply to method={self.method!r}; "
-                f"its hyper-parameters are: {', '.join(sorted(hyperparameter_names(self.method)))}"
-            )
+        check_fields_apply(self.model_fields_set, self.method)
         warmup_shape = sorted({"inv_gamma", "power"} & self.model_fields_set)
         if warmup_shape and not self.use_ema_warmup:
-            raise ValueError(f"{', '.join(warmup_shape)} shape(s) the EMA warm-up: set use_ema_warmup=True too")
+            raise SettingError(
+                "{shape} shape(s) the EMA warm-up: set {use_ema_warmup}=True too",
+                names={"shape": warmup_shape, "use_ema_warmup": "use_ema_warmup"},
+            )
         return self
 
     @model_validator(mode="after")
@@ -100,13 +136,17 @@ class AveragerSpec(BaseModel):
         """``options`` carries a third-party averager's own arguments, never a field of this model."""
         fields = sorted(set(self.options) & set(type(self).model_fields))
         if fields:
-            raise ValueError(f"options sets {', '.join(fields)}: set them as keys of their own, where they are checked")
-        accepted = hyperparameter_names(self.method) - set(type(self).model_fields)
+            raise SettingError(
+                "{options} sets {fields}: set them as keys of their own, where they are checked",
+                names={"options": "options", "fields": fields},
+            )
+        accepted = set(hyperparameter_names(self.method)) - set(type(self).model_fields)
         unknown = sorted(set(self.options) - accepted)
         if unknown:
-            raise ValueError(
-                f"options {', '.join(unknown)} are not arguments of method={self.method!r}; "
-                f"it takes: {', '.join(sorted(accepted)) or 'no extra options'}"
+            raise SettingError(
+                f"{{options}} {', '.join(unknown)} are not arguments of {{method}}={self.method!r}; "
+                f"it takes: {', '.join(sorted(accepted)) or 'no extra options'}",
+                names={"options": "options", "method": "method"},
             )
         return self
 
@@ -122,6 +162,7 @@ class AveragerSpec(BaseModel):
         return METHOD_DEFAULT_UPDATE_EVERY.get(self.method, TRL_DEFAULT_UPDATE_EVERY)
 
     def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments of the averager: its declared hyper-parameters, then ``options``."""
         names = hyperparameter_names(self.method)
         values = {n: getattr(self, n) for n in names if n in type(self).model_fields}
         return {**values, **self.options}
@@ -135,7 +176,7 @@ class AveragerSpec(BaseModel):
         """
         cls = averager_class(self.method)
         kwargs = self.hyperparameters()
-        if "keep_last_weights" in inspect.signature(cls.__init__).parameters:
+        if cls.output_reads_last_update:
             kwargs["keep_last_weights"] = self.cadence > 1 or live_weights_may_move
         return cls(**kwargs)
 
@@ -146,7 +187,7 @@ class AveragerSpec(BaseModel):
         return step > self.update_after and (step - self.update_after) % self.cadence == 0
 
 
-class WeightAveragingConfig(BaseModel):
+class WeightAveragingConfig(SettingsModel):
     """Every averager of a run and how the integrations use them."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -163,7 +204,7 @@ class WeightAveragingConfig(BaseModel):
         labels = [s.label for s in specs]
         duplicated = sorted({x for x in labels if labels.count(x) > 1})
         if duplicated:
-            raise ValueError(f"averager names must be unique; repeated: {', '.join(duplicated)} (set name=...)")
+            raise SettingError(f"averager names must be unique; repeated: {', '.join(duplicated)} (set name=...)")
         return specs
 
     @classmethod
@@ -193,7 +234,3 @@ class WeightAveragingConfig(BaseModel):
     @property
     def primary(self) -> AveragerSpec:
         return self.averagers[0]
-
-
-def allowed_methods_text() -> str:
-    return " | ".join(registered_methods())

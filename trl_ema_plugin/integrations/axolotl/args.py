@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import model_validator
-
 from ...config.flat_keys import DPO_REFERENCE, SELF_DISTILLATION, flat_args_model
 
 PEFT_ADAPTERS = ("lora", "qlora")
@@ -53,15 +51,12 @@ def check_axolotl_keys(data: Mapping[str, Any]) -> None:
         )
 
 
-class TrlEmaPluginArgs(flat_args_model("TrlEmaPluginKeys", module=__name__)):
-    """Every flat key of every feature, all optional (unset = off / the default)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _trl_ema_plugin_check_axolotl_keys(cls, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            check_axolotl_keys(data)
-        return data
+TrlEmaPluginArgs = flat_args_model(
+    "TrlEmaPluginArgs",
+    module=__name__,
+    checks=(check_axolotl_keys,),
+    doc="Every flat key of every feature, all optional (unset = off / the default).",
+)
 
 
 ARGS_PATH = f"{__name__}.TrlEmaPluginArgs"
