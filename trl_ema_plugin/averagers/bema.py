@@ -16,8 +16,9 @@ class BEMA(Averager):
 
     with β_t = max((ρ + γ·t)^(−κ), β_min) and α_t = (ρ + γ·t)^(−η) (:class:`.schedules.BEMASchedule`),
     t the absolute optimizer step, θ_0 = EMA = θ at t = τ (``update_after``). This is the
-    paper's estimator and exactly what ``trl.BEMACallback`` computes; hyper-parameter names
-    are TRL's: ``ema_power`` κ, ``bias_power`` η, ``lag`` ρ, ``multiplier`` γ,
+    paper's estimator and what ``trl.BEMACallback`` computes (README, "Where we differ from TRL
+    and diffusers": the base ρ + γt is clamped at 1, and before the first update the output is θ at
+    τ, not θ at the start); hyper-parameter names are TRL's: ``ema_power`` κ, ``bias_power`` η, ``lag`` ρ, ``multiplier`` γ,
     ``min_ema_multiplier`` β_min.
 
     Memory: two fp32 copies (θ_0, EMA). The output needs θ at the last update step; when the
