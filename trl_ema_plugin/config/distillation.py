@@ -70,7 +70,10 @@ class SelfDistillationConfig(SettingsModel):
         """``lambda_`` has the aliases ``weight`` and ``lambda``; more than one of them is an error."""
         given = [k for k in ("lambda_", *_LAMBDA_ALIASES) if isinstance(data, dict) and k in data]
         if len(given) > 1:
-            raise SettingError("set only one of {given}: each is the weight λ of the term", names={"given": given})
+            raise SettingError(
+                "{first} or its alias {aliases}: set only one of them (each is the weight λ of the term)",
+                names={"first": given[0], "aliases": given[1:]},
+            )
         return data
 
     @model_validator(mode="after")
