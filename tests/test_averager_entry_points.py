@@ -138,7 +138,8 @@ def test_without_the_distribution_the_name_is_rejected():
 
     assert "sma" not in registered_methods()  # this process has no thirdparty-sma on sys.path
     with pytest.raises(
-        ValueError, match=r"weight_averaging='sma': not a registered averager, true or false \(allowed: bema \| dema \| ema \| ouema"
+        ValueError,
+        match=r"weight_averaging='sma': not a registered averager, true or false \(allowed: bema \| dema \| ema \| ouema",
     ):
         weight_averaging_config_from_flat({"weight_averaging": "sma"})
 

@@ -152,7 +152,10 @@ BAD = {
     "switch not a string": ({"weight_averaging": 3}, ["weight_averaging=3: not a registered averager, true or false"]),
     "key of another method": (
         {"weight_averaging": "bema", "weight_averaging_decay": 0.9},
-        ["weight_averaging_decay=0.9: does not apply to weight_averaging='bema'", "(allowed: weight_averaging_bias_power"],
+        [
+            "weight_averaging_decay=0.9: does not apply to weight_averaging='bema'",
+            "(allowed: weight_averaging_bias_power",
+        ],
     ),
     "out of range": (
         {"weight_averaging": "ema", "weight_averaging_decay": 1.5},
@@ -383,7 +386,9 @@ def test_self_distillation_errors_name_the_yaml_key(cfg, fragment):
 def test_axolotl_validation_self_distillation_needs_a_peft_adapter():
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema_self_distill.yml")
     base = {k: v for k, v in base.items() if not k.startswith("lora_") and k != "adapter"}
-    with pytest.raises(ValidationError, match=r"self_distillation=True: needs a PEFT adapter .* adapter: lora \| qlora"):
+    with pytest.raises(
+        ValidationError, match=r"self_distillation=True: needs a PEFT adapter .* adapter: lora \| qlora"
+    ):
         _axolotl_validate(base, gpu=False)
 
 

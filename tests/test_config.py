@@ -27,7 +27,10 @@ from trl_ema_plugin.config.distillation import SelfDistillationConfig
         ({"method": "ema", "ema_power": 0.5}, r"ema_power=0.5: does not apply to method='ema'"),
         ({"method": "ema", "name": "has space"}, r"name='has space'"),
         ({"method": "ema", "unknown_key": 1}, r"unknown_key"),
-        ({"method": "ema", "options": {"decay": 5.0}}, r"options={'decay': 5.0}: sets decay: set them as keys of their own"),
+        (
+            {"method": "ema", "options": {"decay": 5.0}},
+            r"options={'decay': 5.0}: sets decay: set them as keys of their own",
+        ),
         ({"method": "ema", "options": {"foo": 1}}, r"options={'foo': 1}: foo is not an argument of method='ema'"),
         ({"method": "ema", "power": 0.75}, r"power=0.75: shapes the EMA warm-up, which is off .*use_ema_warmup=True"),
         ({"method": "ema", "inv_gamma": 2.0}, r"inv_gamma=2.0: shapes the EMA warm-up"),

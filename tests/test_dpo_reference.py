@@ -336,7 +336,10 @@ def test_add_reference_adapter_is_a_frozen_copy_and_idempotent(tokenizer):
         ({"method": "tr_dpo", "ref_update_every": 3}, "ref_update_every=3: does not apply to method='tr_dpo'"),
         ({"method": "ema", "ema_power": 0.3}, "ema_power"),
         ({"method": "tr_dpo", "ref_model_mixup_alpha": 1.5}, "ref_model_mixup_alpha"),
-        ({"method": "tr_dpo", "ref_model_mixup_alpha": 1.0, "offload": True}, "offload=True, .*no averager state to offload"),
+        (
+            {"method": "tr_dpo", "ref_model_mixup_alpha": 1.0, "offload": True},
+            "offload=True, .*no averager state to offload",
+        ),
         ({"method": "ema", "update_every": 2, "update_freq": 2}, "update_freq"),
     ],
 )

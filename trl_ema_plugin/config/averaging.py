@@ -55,7 +55,10 @@ def check_fields_apply(given: Mapping[str, Any], method: str) -> None:
         allowed = ["{takes}"] if takes else []
         allowed += [f"{{options}} with {', '.join(options)}"] if options else []
         raise not_applicable(
-            stray, method, "; ".join(allowed) or "none: it takes no hyper-parameters", {"takes": takes, "options": "options"}
+            stray,
+            method,
+            "; ".join(allowed) or "none: it takes no hyper-parameters",
+            {"takes": takes, "options": "options"},
         )
 
 
@@ -288,6 +291,9 @@ def _offload_of_device(device: Any, offload: Any) -> bool:
     text = str(device) if type(device).__name__ == "device" else device  # a torch.device
     if not isinstance(text, str) or not text:
         raise SettingError(
-            "not a device", field="device", value=device, allowed="'cpu' (offload), or the training device ('cuda', ...)"
+            "not a device",
+            field="device",
+            value=device,
+            allowed="'cpu' (offload), or the training device ('cuda', ...)",
         )
     return text == "cpu"
