@@ -67,6 +67,13 @@ def name_error(field: str, name: Any, pattern: re.Pattern[str], what: str) -> Se
     return SettingError(f"not a valid name (it becomes {what})", field=field, value=name, allowed=pattern.pattern)
 
 
+def averager_name(field: str, name: str | None, what: str) -> str | None:
+    """``name`` (unset or a name that can label an averager: a metric infix and a folder), else a SettingError."""
+    if name is not None and not AVERAGER_NAME_PATTERN.match(name):
+        raise name_error(field, name, AVERAGER_NAME_PATTERN, what)
+    return name
+
+
 def unknown_choice(field: str, value: Any, allowed: list[str], what: str) -> SettingError:
     """``<field>=<value>: not <what>; did you mean <close>? (allowed: a | b | c)``."""
     close = did_you_mean(value, allowed)
@@ -134,9 +141,7 @@ class AveragerSpec(SettingsModel):
     @field_validator("name")
     @classmethod
     def _clean_name(cls, name: str | None) -> str | None:
-        if name is not None and not AVERAGER_NAME_PATTERN.match(name):
-            raise name_error("name", name, AVERAGER_NAME_PATTERN, "a metric infix and a folder")
-        return name
+        return averager_name("name", name, "a metric infix and a folder")
 
     @model_validator(mode="after")
     def _fields_apply_to_method(self) -> AveragerSpec:

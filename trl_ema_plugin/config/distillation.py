@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from .averaging import AVERAGER_NAME_PATTERN, name_error
+from .averaging import averager_name
 from .errors import SettingError, SettingsModel
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd")
@@ -80,9 +80,7 @@ class SelfDistillationConfig(SettingsModel):
     @field_validator("teacher")
     @classmethod
     def _teacher_is_an_averager_name(cls, teacher: str | None) -> str | None:
-        if teacher is not None and not AVERAGER_NAME_PATTERN.match(teacher):
-            raise name_error("teacher", teacher, AVERAGER_NAME_PATTERN, "the name of an averager")
-        return teacher
+        return averager_name("teacher", teacher, "the name of an averager")
 
     @model_validator(mode="after")
     def _beta_applies_to_jsd(self) -> SelfDistillationConfig:
