@@ -80,12 +80,12 @@ try:
     weight_averaging_config_from_flat({"weight_averaging": "sma", "weight_averaging_decay": 0.9})
     raise AssertionError("decay accepted for sma")
 except ValueError as exc:
-    assert "weight_averaging_decay: does not apply to weight_averaging: sma" in str(exc), exc
+    assert "weight_averaging_decay=0.9: does not apply to weight_averaging='sma'" in str(exc), exc
 try:  # only what the class declares is a setting, not every constructor argument
     weight_averaging_config_from_flat({"weight_averaging": "sma", "weight_averaging_options": {"verbose": True}})
     raise AssertionError("verbose accepted for sma")
 except ValueError as exc:
-    assert "options verbose are not arguments of weight_averaging='sma'; it takes: scale" in str(exc), exc
+    assert "weight_averaging_options={'verbose': True}: verbose is not an argument of weight_averaging='sma' (allowed: scale)" in str(exc), exc
 
 tok = tiny_tokenizer()
 args = SFTConfig(output_dir=out, max_steps=4, save_steps=1, per_device_train_batch_size=4, learning_rate=0.05,
@@ -138,7 +138,8 @@ def test_without_the_distribution_the_name_is_rejected():
 
     assert "sma" not in registered_methods()  # this process has no thirdparty-sma on sys.path
     with pytest.raises(
-        ValueError, match=r"weight_averaging: 'sma' is not allowed \(allowed: bema \| dema \| ema \| ouema"
+        ValueError,
+        match=r"weight_averaging='sma': not a registered averager, true or false \(allowed: bema \| dema \| ema \| ouema",
     ):
         weight_averaging_config_from_flat({"weight_averaging": "sma"})
 

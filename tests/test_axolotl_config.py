@@ -147,12 +147,15 @@ def test_args_model_keeps_the_field_constraints():
 BAD = {
     "unknown method": (
         {"weight_averaging": "bemax"},
-        ["weight_averaging: 'bemax' is not allowed", "bema | dema | ema | ouema"],
+        ["weight_averaging='bemax': not a registered averager", "did you mean 'bema'?", "bema | dema | ema | ouema"],
     ),
-    "switch not a string": ({"weight_averaging": 3}, ["weight_averaging: 3 is not allowed"]),
+    "switch not a string": ({"weight_averaging": 3}, ["weight_averaging=3: not a registered averager, true or false"]),
     "key of another method": (
         {"weight_averaging": "bema", "weight_averaging_decay": 0.9},
-        ["weight_averaging_decay: does not apply to weight_averaging: bema", "weight_averaging_lag"],
+        [
+            "weight_averaging_decay=0.9: does not apply to weight_averaging='bema'",
+            "(allowed: weight_averaging_bias_power",
+        ],
     ),
     "out of range": (
         {"weight_averaging": "ema", "weight_averaging_decay": 1.5},
@@ -177,20 +180,20 @@ BAD = {
     ),
     "key without switch": (
         {"weight_averaging_lag": 2},
-        ["weight_averaging_lag: set without weight_averaging", "bema | dema | ema | ouema"],
+        ["weight_averaging_lag=2: set without weight_averaging", "bema | dema | ema | ouema"],
     ),
     "alias beside its key": (
         {"weight_averaging": "ema", "weight_averaging_update_freq": 2, "weight_averaging_update_every": 2},
-        ["weight_averaging_update_every, weight_averaging_update_freq: set one of them"],
+        ["weight_averaging_update_every=2, weight_averaging_update_freq=2: set one of them"],
     ),
-    "true without a list": ({"weight_averaging": True}, ["weight_averaging: true needs weight_averaging_averagers"]),
+    "true without a list": ({"weight_averaging": True}, ["weight_averaging=True: needs weight_averaging_averagers"]),
     "list without true": (
         {"weight_averaging": "ema", "weight_averaging_averagers": [{"method": "ema"}]},
-        ["weight_averaging_averagers: needs `weight_averaging: true`"],
+        ["weight_averaging_averagers=[{'method': 'ema'}]: needs `weight_averaging: true`"],
     ),
     "key beside a list": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}], "weight_averaging_decay": 0.9},
-        ["weight_averaging_decay: with weight_averaging_averagers, set hyper-parameters inside each list entry"],
+        ["weight_averaging_decay=0.9: with weight_averaging_averagers, set hyper-parameters inside each list entry"],
     ),
     "list entry out of range": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "ema", "decay": 2}]},
@@ -198,7 +201,7 @@ BAD = {
     ),
     "list entry: key of another method": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "bema", "decay": 0.9}]},
-        ["weight_averaging_averagers[1]: decay do(es) not apply to method='bema'"],
+        ["weight_averaging_averagers[1].decay=0.9: does not apply to method='bema'"],
     ),
     "list entry: misspelled key": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema", "decayy": 0.9}]},
@@ -334,19 +337,19 @@ def test_self_distillation_alias_and_spelling():
 SELF_DISTILLATION_BAD = {
     "without weight averaging": (
         {"self_distillation": True},
-        "self_distillation: true needs weight_averaging: <method>",
+        "self_distillation=True: needs weight_averaging",
     ),
     "teacher names no averager": (
         {**AVERAGING, "self_distillation": True, "self_distillation_teacher": "ema"},
-        "self_distillation_teacher: 'ema' names no averager (allowed: bema | ema_9)",
+        "self_distillation_teacher='ema': names no averager; did you mean 'bema'? (allowed: bema | ema_9)",
     ),
     "alias beside its key": (
         {**AVERAGING, "self_distillation": True, "self_distillation_lambda": 1, "self_distillation_weight": 1},
-        "self_distillation_lambda, self_distillation_weight: set one of them",
+        "self_distillation_lambda=1, self_distillation_weight=1: set one of them",
     ),
     "beta without jsd": (
         {**AVERAGING, "self_distillation": True, "self_distillation_beta": 0.3},
-        "self_distillation: self_distillation_beta applies only to self_distillation_divergence='generalized_jsd'",
+        "self_distillation_beta=0.3: applies only to self_distillation_divergence='generalized_jsd'",
     ),
     "unknown divergence": (
         {**AVERAGING, "self_distillation": True, "self_distillation_divergence": "kl"},
@@ -363,7 +366,7 @@ SELF_DISTILLATION_BAD = {
     ),
     "key without switch": (
         {**AVERAGING, "self_distillation_lambda": 1},
-        "self_distillation_lambda: set without self_distillation",
+        "self_distillation_lambda=1: set without self_distillation",
     ),
     "misspelled key": (
         {**AVERAGING, "self_distillation": True, "self_distillation_lamda": 1},
@@ -383,7 +386,9 @@ def test_self_distillation_errors_name_the_yaml_key(cfg, fragment):
 def test_axolotl_validation_self_distillation_needs_a_peft_adapter():
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema_self_distill.yml")
     base = {k: v for k, v in base.items() if not k.startswith("lora_") and k != "adapter"}
-    with pytest.raises(ValidationError, match=r"self_distillation: true needs adapter: lora \| qlora"):
+    with pytest.raises(
+        ValidationError, match=r"self_distillation=True: needs a PEFT adapter .* adapter: lora \| qlora"
+    ):
         _axolotl_validate(base, gpu=False)
 
 
@@ -412,15 +417,16 @@ def test_dpo_reference_round_trip(config):
 DPO_REFERENCE_BAD = {
     "unknown rule": (
         {"dpo_reference": "bemx"},
-        "dpo_reference: 'bemx' is not allowed (allowed: bema | dema | ema | ouema | tr_dpo",
+        "dpo_reference='bemx': not a reference update rule, true or false; did you mean 'bema'? "
+        "(allowed: bema | dema | ema | ouema | tr_dpo",
     ),
     "key of another method": (
         {"dpo_reference": "bema", "dpo_reference_decay": 0.5},
-        "dpo_reference_decay do(es) not apply to dpo_reference='bema'",
+        "dpo_reference_decay=0.5: does not apply to dpo_reference='bema'",
     ),
     "averager key with tr_dpo": (
         {"dpo_reference": "tr_dpo", "dpo_reference_lag": 2},
-        "dpo_reference_lag do(es) not apply to dpo_reference='tr_dpo'; it takes dpo_reference_ref_model_sync_steps",
+        "dpo_reference_lag=2: does not apply to dpo_reference='tr_dpo' (allowed: dpo_reference_ref_model_sync_steps",
     ),
     "out of range": (
         {"dpo_reference": "tr_dpo", "dpo_reference_ref_model_mixup_alpha": 0},
@@ -434,7 +440,7 @@ DPO_REFERENCE_BAD = {
         {"dpo_reference": "bema", "dpo_reference_update_freq": 0},
         "dpo_reference_update_freq=0: Input should be greater than or equal to 1",
     ),
-    "key without switch": ({"dpo_reference_lag": 2}, "dpo_reference_lag: set without dpo_reference"),
+    "key without switch": ({"dpo_reference_lag": 2}, "dpo_reference_lag=2: set without dpo_reference"),
     "misspelled key": ({"dpo_reference": "ema", "dpo_reference_decy": 0.5}, "did you mean dpo_reference_decay?"),
 }
 
@@ -453,14 +459,18 @@ def test_axolotl_only_checks_without_axolotl():
     dpo = {"rl": "dpo", "adapter": "lora", "dpo_reference": "bema"}
     check_axolotl_keys(dpo)
     cases = [
-        ({**dpo, "rl": None}, "dpo_reference moves DPO's reference adapter and needs rl: dpo; got rl: None"),
-        ({**dpo, "adapter": None}, "dpo_reference needs adapter: lora | qlora"),
+        ({**dpo, "rl": None}, "dpo_reference='bema': moves DPO's reference adapter and needs rl: dpo; got rl: None"),
+        ({**dpo, "adapter": None}, "dpo_reference='bema': needs a PEFT adapter (the reference is the 'ref' adapter"),
         ({**dpo, "precompute_ref_log_probs": True}, "precompute_ref_log_probs: true computes its log-probs once"),
         (
             {**dpo, "trl": {"sync_ref_model": True}},
-            "write dpo_reference: tr_dpo with dpo_reference_ref_model_sync_steps",
+            "dpo_reference: tr_dpo with dpo_reference_ref_model_sync_steps",
         ),
-        ({"self_distillation": True, "adapter": None}, "self_distillation: true needs adapter: lora | qlora"),
+        (
+            {"self_distillation": True, "adapter": None},
+            "self_distillation=True: needs a PEFT adapter (the teacher is a second adapter on the same base model); "
+            "got adapter: None (allowed: with adapter: lora | qlora)",
+        ),
     ]
     for cfg, fragment in cases:
         with pytest.raises(ValueError) as info:
@@ -471,7 +481,7 @@ def test_axolotl_only_checks_without_axolotl():
 @pytest.mark.axolotl
 def test_axolotl_validation_dpo_reference_needs_dpo():
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")  # an SFT run
-    with pytest.raises(ValidationError, match="dpo_reference moves DPO's reference adapter and needs rl: dpo"):
+    with pytest.raises(ValidationError, match="dpo_reference='bema': moves DPO's reference adapter and needs rl: dpo"):
         _axolotl_validate({**base, "dpo_reference": "bema"}, gpu=False)
     dpo = load_yaml(EXAMPLES / "cpu" / "dpo_bema.yml")
     with pytest.raises(ValidationError, match="precompute_ref_log_probs: true"):

@@ -224,13 +224,23 @@ def test_zero3_two_processes_bema(workspace):
 
 def test_bad_key_fails_validation_with_our_message(workspace):
     cfg = yaml.safe_load((CPU_CONFIGS / "sft_lora_bema.yml").read_text())
-    cfg["weight_averaging_decay"] = 0.9  # EMA's decay, set on BEMA
-    cfg["output_dir"] = "./outputs/never"
-    bad = workspace / "bad.yml"
-    bad.write_text(yaml.safe_dump(cfg))
-    result = axolotl("train", str(bad), cwd=workspace, timeout=240, expect_ok=False)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "weight_averaging_decay: does not apply to weight_averaging: bema" in output
-    assert "weight_averaging_lag" in output  # the keys that do apply
-    assert not (workspace / "outputs" / "never").exists()
+    lag = cfg.pop("weight_averaging_lag")
+    cases = [
+        (  # EMA's decay, set on BEMA
+            {**cfg, "weight_averaging_lag": lag, "weight_averaging_decay": 0.9},
+            "weight_averaging_decay=0.9: does not apply to weight_averaging='bema' (allowed: "
+            "weight_averaging_bias_power, weight_averaging_ema_power, weight_averaging_lag",
+        ),
+        (  # misspelled: Axolotl drops keys it does not know, and the run would train with the default lag
+            {**cfg, "weight_averagin_lag": lag},
+            f"weight_averagin_lag={lag}: unknown key (did you mean weight_averaging_lag?)",
+        ),
+    ]
+    for bad_cfg, message in cases:
+        bad = workspace / "bad.yml"
+        bad.write_text(yaml.safe_dump({**bad_cfg, "output_dir": "./outputs/never"}))
+        result = axolotl("train", str(bad), cwd=workspace, timeout=240, expect_ok=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert message in output, output[-3000:]
+        assert not (workspace / "outputs" / "never").exists()

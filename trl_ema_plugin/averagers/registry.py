@@ -86,7 +86,7 @@ def averager_class(method: str) -> type[Averager]:
         return _REGISTRY[method]
     except KeyError:
         raise ValueError(
-            f"method={method!r} is not a registered averager; allowed values: {', '.join(registered_methods())}"
+            f"method={method!r}: not a registered averager (allowed: {' | '.join(registered_methods())})"
         ) from None
 
 

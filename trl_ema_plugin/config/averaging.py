@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from ..averagers.registry import averager_class, hyperparameter_names, registered_methods
-from .errors import SettingError, SettingsModel
+from .errors import NO_VALUE, SettingError, SettingsModel, did_you_mean, unknown_key
+from .fields import keywords
 
 #: Defaults of every averager hyper-parameter. BEMA/DEMA/OUEMA take TRL's ``BEMACallback``
 #: defaults (``update_freq=400``), EMA updates every step.
@@ -21,7 +22,7 @@ METHOD_DEFAULT_UPDATE_EVERY = {"ema": 1}
 TRL_DEFAULT_UPDATE_EVERY = 400
 #: the fields of an ``AveragerSpec`` that every method takes (the others are hyper-parameters of some)
 FIELDS_OF_EVERY_METHOD = frozenset({"method", "name", "update_every", "update_after", "options"})
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+AVERAGER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def applicable_fields(method: str) -> set[str]:
@@ -29,26 +30,55 @@ def applicable_fields(method: str) -> set[str]:
     return set(hyperparameter_names(method)) | FIELDS_OF_EVERY_METHOD
 
 
-def not_applicable(stray: Iterable[str], method: str, takes: str, names: dict[str, Any] | None = None) -> SettingError:
-    """``<stray> do(es) not apply to method=<method>; <takes>``: the one message for settings a method does not use.
+def not_applicable(
+    stray: Mapping[str, Any], method: str, allowed: str, names: Mapping[str, Any] | None = None
+) -> SettingError:
+    """``<key>=<value>[, ...]: does not apply to method=<method> (allowed: <allowed>)``: settings a method does not use.
 
-    ``takes`` says what the method takes instead; it may name fields as ``{placeholder}`` (``names``).
+    ``allowed`` says what the method takes instead; it may name fields as ``{placeholder}`` (``names``).
     """
+    verb = "does" if len(stray) == 1 else "do"
     return SettingError(
-        f"{{stray}} do(es) not apply to {{method}}={method!r}; {takes}",
-        names={"stray": sorted(stray), "method": "method", **(names or {})},
+        f"{verb} not apply to {{method}}={method!r}",
+        settings=dict(sorted(stray.items())),
+        allowed=allowed,
+        names={"method": "method", **(names or {})},
     )
 
 
-def check_fields_apply(fields: Iterable[str], method: str) -> None:
-    """Refuse ``AveragerSpec`` fields that ``method`` does not use, naming the ones it does."""
-    stray = set(fields) - applicable_fields(method)
+def check_fields_apply(given: Mapping[str, Any], method: str) -> None:
+    """Refuse ``AveragerSpec`` fields (``given``: field → value) that ``method`` does not use, naming the ones it does."""
+    stray = {f: v for f, v in given.items() if f not in applicable_fields(method)}
     if stray:
         takes = sorted(n for n in hyperparameter_names(method) if n in AveragerSpec.model_fields)
         options = sorted(n for n in hyperparameter_names(method) if n not in AveragerSpec.model_fields)
-        tail = "its hyper-parameters are: {takes}" if takes else "it takes none of these"
-        tail += f" (in {{options}}: {', '.join(options)})" if options else ""
-        raise not_applicable(stray, method, tail, {"takes": takes, "options": "options"})
+        allowed = ["{takes}"] if takes else []
+        allowed += [f"{{options}} with {', '.join(options)}"] if options else []
+        raise not_applicable(
+            stray,
+            method,
+            "; ".join(allowed) or "none: it takes no hyper-parameters",
+            {"takes": takes, "options": "options"},
+        )
+
+
+def name_error(field: str, name: Any, pattern: re.Pattern[str], what: str) -> SettingError:
+    """A name that does not match ``pattern`` (``what`` it becomes says why)."""
+    return SettingError(f"not a valid name (it becomes {what})", field=field, value=name, allowed=pattern.pattern)
+
+
+def averager_name(field: str, name: str | None, what: str) -> str | None:
+    """``name`` (unset or a name that can label an averager: a metric infix and a folder), else a SettingError."""
+    if name is not None and not AVERAGER_NAME_PATTERN.match(name):
+        raise name_error(field, name, AVERAGER_NAME_PATTERN, what)
+    return name
+
+
+def unknown_choice(field: str, value: Any, allowed: list[str], what: str) -> SettingError:
+    """``<field>=<value>: not <what>; did you mean <close>? (allowed: a | b | c)``."""
+    close = did_you_mean(value, allowed)
+    hint = f"; did you mean {close!r}?" if close else ""
+    return SettingError(f"not {what}{hint}", field=field, value=value, allowed=" | ".join(allowed))
 
 
 class AveragerSpec(SettingsModel):
@@ -57,8 +87,6 @@ class AveragerSpec(SettingsModel):
     Cadence: ``start`` at step ``update_after`` (θ_0/EMA snapshot), then an update every
     ``update_every`` optimizer steps (alias ``update_freq``, TRL's name).
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: str = Field("ema", description="ema | bema | dema | ouema, or a registered third-party name")
     name: str | None = Field(None, description="label in metrics and folders; defaults to the method")
@@ -96,6 +124,8 @@ class AveragerSpec(SettingsModel):
             if data["update_every"] is not None:
                 raise SettingError(
                     "pass either {update_every} or its alias {update_freq}, not both",
+                    settings={"update_every": data["update_every"], "update_freq": data["update_freq"]},
+                    allowed="one of them",
                     names={"update_every": "update_every", "update_freq": "update_freq"},
                 )
             data = {k: v for k, v in data.items() if k != "update_every"}
@@ -104,30 +134,25 @@ class AveragerSpec(SettingsModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        methods = registered_methods()
-        if method not in methods:
-            raise SettingError(
-                f"not a registered averager; allowed values: {', '.join(methods)}", field="method", value=method
-            )
+        if method not in registered_methods():
+            raise unknown_choice("method", method, registered_methods(), "a registered averager")
         return method
 
     @field_validator("name")
     @classmethod
     def _clean_name(cls, name: str | None) -> str | None:
-        if name is not None and not _NAME_PATTERN.match(name):
-            raise SettingError(
-                f"must match {_NAME_PATTERN.pattern} (it becomes a metric infix and a folder)", field="name", value=name
-            )
-        return name
+        return averager_name("name", name, "a metric infix and a folder")
 
     @model_validator(mode="after")
     def _fields_apply_to_method(self) -> AveragerSpec:
-        check_fields_apply(self.model_fields_set, self.method)
+        check_fields_apply({f: getattr(self, f) for f in self.model_fields_set}, self.method)
         warmup_shape = sorted({"inv_gamma", "power"} & self.model_fields_set)
         if warmup_shape and not self.use_ema_warmup:
             raise SettingError(
-                "{shape} shape(s) the EMA warm-up: set {use_ema_warmup}=True too",
-                names={"shape": warmup_shape, "use_ema_warmup": "use_ema_warmup"},
+                f"shape{'s' if len(warmup_shape) == 1 else ''} the EMA warm-up, which is off",
+                settings={f: getattr(self, f) for f in warmup_shape},
+                allowed="with {use_ema_warmup}=True only",
+                names={"use_ema_warmup": "use_ema_warmup"},
             )
         return self
 
@@ -137,16 +162,23 @@ class AveragerSpec(SettingsModel):
         fields = sorted(set(self.options) & set(type(self).model_fields))
         if fields:
             raise SettingError(
-                "{options} sets {fields}: set them as keys of their own, where they are checked",
-                names={"options": "options", "fields": fields},
+                f"sets {', '.join(fields)}: set them as keys of their own, where they are checked",
+                field="options",
+                value=self.options,
+                allowed="arguments of a third-party averager that are not settings here",
             )
-        accepted = set(hyperparameter_names(self.method)) - set(type(self).model_fields)
-        unknown = sorted(set(self.options) - accepted)
+        accepted = sorted(set(hyperparameter_names(self.method)) - set(type(self).model_fields))
+        unknown = sorted(set(self.options) - set(accepted))
         if unknown:
+            close = [c for c in (did_you_mean(u, accepted) for u in unknown) if c]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise SettingError(
-                f"{{options}} {', '.join(unknown)} are not arguments of {{method}}={self.method!r}; "
-                f"it takes: {', '.join(sorted(accepted)) or 'no extra options'}",
-                names={"options": "options", "method": "method"},
+                f"{', '.join(unknown)} {'is not an argument' if len(unknown) == 1 else 'are not arguments'} "
+                f"of {{method}}={self.method!r}{hint}",
+                field="options",
+                value=self.options,
+                allowed=", ".join(accepted) or f"none: {self.method} takes no options",
+                names={"method": "method"},
             )
         return self
 
@@ -190,9 +222,9 @@ class AveragerSpec(SettingsModel):
 class WeightAveragingConfig(SettingsModel):
     """Every averager of a run and how the integrations use them."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    averagers: list[AveragerSpec] = Field(min_length=1, description="the first is the primary averager")
+    averagers: list[AveragerSpec] = Field(
+        min_length=1, strict=False, description="the first is the primary averager"
+    )  # not strict: a tuple of specs is a list too; each spec is strict
     eval: bool = Field(True, description="also evaluate each averager: eval_<name>_loss beside eval_loss")
     offload: bool = Field(False, description="keep the shadow in CPU memory instead of the training device")
     save_checkpoints: bool = Field(True, description="write averager state + adapter into every checkpoint")
@@ -204,7 +236,14 @@ class WeightAveragingConfig(SettingsModel):
         labels = [s.label for s in specs]
         duplicated = sorted({x for x in labels if labels.count(x) > 1})
         if duplicated:
-            raise SettingError(f"averager names must be unique; repeated: {', '.join(duplicated)} (set name=...)")
+            entries = ", ".join(f"[{i}]" for i, label in enumerate(labels) if label in duplicated)
+            raise SettingError(
+                f"averager names must be unique; repeated: {', '.join(duplicated)} (entries {entries}; "
+                "an unnamed averager is named after its method)",
+                field="averagers",
+                value=NO_VALUE,
+                allowed="a distinct name in each entry",
+            )
         return specs
 
     @classmethod
@@ -216,16 +255,21 @@ class WeightAveragingConfig(SettingsModel):
         ``device`` (TRL ``BEMACallback``'s argument) is accepted: ``"cpu"`` means ``offload=True``,
         any other device keeps the shadow on the training device.
         """
+        spec_keywords = [kw.name for kw in keywords(AveragerSpec) if kw.name != "method"]
+        accepted = ["method", "averagers", *spec_keywords, *(f for f in cls.model_fields if f != "averagers"), "device"]
+        unknown = [k for k in kwargs if k not in accepted]
+        if unknown:
+            raise ValueError("; ".join(unknown_key(k, kwargs[k], accepted) for k in unknown))
         if "device" in kwargs:
-            if "offload" in kwargs:
-                raise ValueError("pass either offload or TRL's device argument, not both")
-            kwargs["offload"] = str(kwargs.pop("device")) == "cpu"
+            kwargs["offload"] = _offload_of_device(kwargs.pop("device"), kwargs.pop("offload", NO_VALUE))
         top = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
         if averagers is not None:
-            if method is not None or kwargs:
-                raise ValueError(
-                    "pass either averagers=[...] or method=... with its hyper-parameters, not both "
-                    f"(got method={method!r}, {sorted(kwargs)})"
+            given = {"method": method, **kwargs} if method is not None else kwargs
+            if given:
+                raise SettingError(
+                    "pass either averagers=[...] or method=... with its hyper-parameters, not both",
+                    settings=given,
+                    allowed=f"these keys inside each entry of averagers; beside it: {', '.join(top_fields(cls))}",
                 )
             return cls(averagers=averagers, **top)
         spec = AveragerSpec(method=method or "ema", **kwargs)
@@ -234,3 +278,27 @@ class WeightAveragingConfig(SettingsModel):
     @property
     def primary(self) -> AveragerSpec:
         return self.averagers[0]
+
+
+def top_fields(config: type[WeightAveragingConfig]) -> list[str]:
+    """The fields of the config beside its list of averagers."""
+    return [f for f in config.model_fields if f != "averagers"]
+
+
+def _offload_of_device(device: Any, offload: Any) -> bool:
+    """TRL ``BEMACallback``'s ``device``: ``"cpu"`` keeps the average in CPU memory (``offload=True``)."""
+    if offload is not NO_VALUE:
+        raise SettingError(
+            "pass either offload or TRL's device, not both",
+            settings={"device": device, "offload": offload},
+            allowed="one of them",
+        )
+    text = str(device) if type(device).__name__ == "device" else device  # a torch.device
+    if not isinstance(text, str) or not text:
+        raise SettingError(
+            "not a device",
+            field="device",
+            value=device,
+            allowed="'cpu' (offload), or the training device ('cuda', ...)",
+        )
+    return text == "cpu"

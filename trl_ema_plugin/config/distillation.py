@@ -13,8 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import AliasChoices, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from .averaging import averager_name
 from .errors import SettingError, SettingsModel
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd")
@@ -25,8 +26,6 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 class SelfDistillationConfig(SettingsModel):
     """λ · τ² · D(student ‖ averaged teacher) on the completion tokens, added to the trainer's loss."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     teacher: str | None = Field(
         None, description="name of the averager that is the teacher (e.g. ema, bema); default: the primary averager"
@@ -71,25 +70,35 @@ class SelfDistillationConfig(SettingsModel):
         given = [k for k in ("lambda_", *_LAMBDA_ALIASES) if isinstance(data, dict) and k in data]
         if len(given) > 1:
             raise SettingError(
-                "{first} or its alias {aliases}: set only one of them (each is the weight λ of the term)",
+                "set only one of {first} or its alias {aliases} (each is the weight λ of the term)",
+                settings={k: data[k] for k in given},
+                allowed="one of them",
                 names={"first": given[0], "aliases": given[1:]},
             )
         return data
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_is_an_averager_name(cls, teacher: str | None) -> str | None:
+        return averager_name("teacher", teacher, "the name of an averager")
 
     @model_validator(mode="after")
     def _beta_applies_to_jsd(self) -> SelfDistillationConfig:
         if self.beta is not None and self.divergence != "generalized_jsd":
             raise SettingError(
-                f"{{beta}} applies only to {{divergence}}='generalized_jsd' (got {{divergence}}={self.divergence!r}); "
+                f"applies only to {{divergence}}='generalized_jsd' (got {{divergence}}={self.divergence!r}); "
                 "forward_kl is {beta}=0 and reverse_kl is {beta}=1",
+                field="beta",
+                value=self.beta,
+                allowed="{beta} unset, or {divergence}='generalized_jsd'",
                 names={"beta": "beta", "divergence": "divergence"},
             )
         if not _NAME_PATTERN.match(self.adapter_name) or self.adapter_name in ("default", "ref"):
             raise SettingError(
-                f"must match {_NAME_PATTERN.pattern} and differ from 'default' (the trained adapter) and 'ref' "
-                "(TRL's DPO reference)",
+                "not a teacher adapter name: 'default' is the trained adapter, 'ref' TRL's DPO reference",
                 field="adapter_name",
                 value=self.adapter_name,
+                allowed=f"{_NAME_PATTERN.pattern}, other than 'default' and 'ref'",
             )
         return self
 

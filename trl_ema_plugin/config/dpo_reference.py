@@ -16,11 +16,11 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, SerializationInfo, field_validator, model_serializer, model_validator
+from pydantic import Field, SerializationInfo, field_validator, model_serializer, model_validator
 
-from ..averagers.registry import registered_methods
-from .averaging import AveragerSpec, check_fields_apply, not_applicable
-from .errors import SettingError, SettingsModel
+from ..averagers.registry import hyperparameter_names, registered_methods
+from .averaging import AveragerSpec, check_fields_apply, not_applicable, unknown_choice
+from .errors import NO_VALUE, SettingError, SettingsModel
 from .fields import keywords
 
 TR_DPO = "tr_dpo"
@@ -32,6 +32,7 @@ TR_DPO_FIELDS = ("ref_model_sync_steps", "ref_model_mixup_alpha")
 REFERENCE_NAME = "reference"
 #: the nested averager's fields that this model sets itself
 _SET_HERE = ("method", "name")
+_AVERAGER_FIELDS = frozenset(AveragerSpec.model_fields)
 
 
 def reference_methods() -> list[str]:
@@ -45,12 +46,13 @@ def _averager_keywords() -> dict[str, str]:
     return {kw.name: kw.field for kw in keywords(AveragerSpec) if kw.field not in _SET_HERE}
 
 
-def _tr_dpo_takes_no(stray: list[str]) -> SettingError:
+def _tr_dpo_takes_no(stray: dict[str, Any]) -> SettingError:
+    """Settings (keyword → value) that TR-DPO does not use."""
     return not_applicable(
         stray,
         TR_DPO,
-        "it takes {tau} (τ) and {alpha} (α) only (or pick {method}='ema' with {decay}=1−α)",
-        {"tau": "ref_model_sync_steps", "alpha": "ref_model_mixup_alpha", "decay": "decay"},
+        "{tau} (τ), {alpha} (α), {offload}; or {method}='ema' with {decay}=1−α",
+        {"tau": "ref_model_sync_steps", "alpha": "ref_model_mixup_alpha", "offload": "offload", "decay": "decay"},
     )
 
 
@@ -62,7 +64,6 @@ class DPOReferenceConfig(SettingsModel):
     ``method`` does not use is an error. ``model_dump`` writes them flat too, so a dump loads back.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     #: ``averager`` is written flat; its ``method`` and ``name`` are set here
     flattened_fields: ClassVar[dict[str, tuple[str, ...]]] = {"averager": _SET_HERE}
 
@@ -114,12 +115,14 @@ class DPOReferenceConfig(SettingsModel):
         method = data.get("method", cls.model_fields["method"].default)
         if method == TR_DPO:
             if flat:
-                raise _tr_dpo_takes_no(sorted(averager_keywords[k] for k in flat))
+                raise _tr_dpo_takes_no(flat)
             return data
         if data.get("averager") is not None:
             if flat:
                 raise SettingError(
                     "pass either averager=AveragerSpec(...) or its fields ({fields}), not both",
+                    settings=flat,
+                    allowed="one of them",
                     names={"fields": sorted(flat)},
                 )
             return data
@@ -131,34 +134,36 @@ class DPOReferenceConfig(SettingsModel):
     @classmethod
     def _known_method(cls, method: str) -> str:
         if method not in reference_methods():
-            raise SettingError(
-                f"not a reference update rule; allowed values: {', '.join(reference_methods())}",
-                field="method",
-                value=method,
-            )
+            raise unknown_choice("method", method, reference_methods(), "a reference update rule")
         return method
 
     @model_validator(mode="after")
     def _fields_apply_to_method(self) -> DPOReferenceConfig:
-        given = {f for f in self.model_fields_set if getattr(self, f) is not None}
+        given = {f: getattr(self, f) for f in self.model_fields_set if getattr(self, f) is not None}
         if self.method == TR_DPO:
-            stray = given & {"ref_update_every", "averager"}
+            stray = {f: v for f, v in given.items() if f == "ref_update_every"}
             if self.averager is not None:  # name what it sets, where it sets anything
-                stray = stray - {"averager"} | (self.averager.model_fields_set - set(_SET_HERE) or {"averager"})
+                own = self.averager.model_dump(exclude_unset=True, exclude=set(_SET_HERE))
+                stray.update(own or {"averager": NO_VALUE})
             if stray:
-                raise _tr_dpo_takes_no(sorted(stray))
+                raise _tr_dpo_takes_no(stray)
             if self.offload and self.hard_update:
                 raise SettingError(
-                    "{offload} does not apply to the TR-DPO hard update ({alpha}=1.0): it keeps no "
-                    "averager state to offload",
+                    "the TR-DPO hard update keeps no averager state to offload",
+                    settings={"offload": self.offload, "ref_model_mixup_alpha": self.ref_model_mixup_alpha},
+                    allowed="{offload}=False, or {alpha} < 1",
                     names={"offload": "offload", "alpha": "ref_model_mixup_alpha"},
                 )
             return self
-        stray = sorted(given & set(TR_DPO_FIELDS))
+        stray = {f: v for f, v in sorted(given.items()) if f in TR_DPO_FIELDS}
         if stray:
+            takes = ["ref_update_every", *sorted(n for n in hyperparameter_names(self.method) if n in _AVERAGER_FIELDS)]
             raise SettingError(
-                f"{{stray}} apply only to {{method}}='tr_dpo', not to {{method}}={self.method!r}",
-                names={"stray": stray, "method": "method"},
+                f"{'applies' if len(stray) == 1 else 'apply'} only to {{method}}='tr_dpo', "
+                f"not to {{method}}={self.method!r}",
+                settings=stray,
+                allowed="{takes}",
+                names={"method": "method", "takes": takes},
             )
         if self.averager is None or self.averager.method != self.method:  # ``method`` assigned after construction
             own = {} if self.averager is None else self.averager.model_dump(exclude_unset=True, exclude=set(_SET_HERE))
@@ -182,6 +187,16 @@ class DPOReferenceConfig(SettingsModel):
                 if name in spec or not (info.exclude_unset or info.exclude_none):
                     out[name] = spec.get(name)
         return out
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``config.lag = 2`` sets the averager's setting (checked there); TR-DPO has no averager to set."""
+        field = _averager_keywords().get(name)
+        if field is None:
+            super().__setattr__(name, value)
+        elif self.averager is None:
+            raise _tr_dpo_takes_no({name: value})
+        else:
+            setattr(self.averager, field, value)
 
     def __getattr__(self, name: str) -> Any:
         """``config.lag``: an averager setting as given, ``None`` when unset (the fields this model had flat)."""

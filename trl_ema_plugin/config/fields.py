@@ -146,10 +146,22 @@ _BOUNDS = (
 )
 
 
+def choices(model: type[BaseModel], name: str) -> list[str]:
+    """The strings ``model.name`` takes, where it takes a fixed set (``allowed_choices()`` or a ``Literal``)."""
+    declared = getattr(model, "allowed_choices", None)
+    listed = declared(name) if declared is not None else None
+    if listed:
+        return list(listed)
+    annotation = strip_none(model.model_fields[name].annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    return []
+
+
 def allowed_values(model: type[BaseModel], name: str) -> str:
     """Human-readable allowed values of ``model.name``, from its type and constraints (``choices()`` if declared)."""
-    choices = getattr(model, "allowed_choices", None)
-    listed = choices(name) if choices is not None else None
+    declared = getattr(model, "allowed_choices", None)
+    listed = declared(name) if declared is not None else None
     if listed:
         return " | ".join(listed)
     info = model.model_fields[name]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional, Union
 
@@ -29,11 +29,11 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 from pydantic.fields import FieldInfo
 
 from ..averagers.registry import registered_methods
-from .averaging import FIELDS_OF_EVERY_METHOD, AveragerSpec, WeightAveragingConfig, applicable_fields
+from .averaging import AveragerSpec, WeightAveragingConfig, top_fields
 from .distillation import SelfDistillationConfig
 from .dpo_reference import DPOReferenceConfig, reference_methods
-from .errors import explain, raw_errors
-from .fields import Keyword, Loc, is_model, keywords, spelled, strip_none
+from .errors import SettingError, did_you_mean, explain, raw_errors, unknown_key
+from .fields import Keyword, Loc, accepted_names, is_model, keywords, spelled, strip_none
 
 
 # --------------------------------------------------------------------------------- keys
@@ -78,7 +78,8 @@ class FlatFamily:
     * ``models``: read in order (their keywords must not collide); every keyword of each (aliases and the
       fields of a nested model written flat included, see :func:`~.fields.keywords`) gets a key;
     * ``switch_field``: the field a string switch value sets (``weight_averaging: bema`` sets
-      ``method``; it has no key of its own); ``switch_values`` its allowed strings; ``true`` means "on, defaults".
+      ``method``; it has no key of its own); ``switch_values`` its allowed strings, ``switch_noun`` what they are
+      (for messages); ``true`` means "on, defaults".
     """
 
     prefix: str
@@ -86,6 +87,7 @@ class FlatFamily:
     description: str
     switch_field: str | None = None
     switch_values: Callable[[], list[str]] = list
+    switch_noun: str = "true or false"
 
     def __post_init__(self) -> None:
         keys: dict[str, FlatKey] = {}
@@ -130,9 +132,10 @@ class FlatFamily:
     def all_keys(self) -> list[str]:
         return [self.prefix, *self.keys]
 
-    def switch_allowed(self) -> str:
-        values = self.switch_values()
-        return " | ".join([*values, "true", "false"]) if values else "true | false"
+    def switch_allowed(self, off: bool = True) -> str:
+        """The values of the switch (``off``: with ``false``)."""
+        values = [*self.switch_values(), "true", *(["false"] if off else [])]
+        return " | ".join(values)
 
     def pick(self, cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
         """The family's keys that ``cfg`` sets (``None`` counts as unset, as in Axolotl)."""
@@ -174,19 +177,6 @@ def _loosened(info: FieldInfo) -> Any:
 
 
 # ------------------------------------------------------------------------ error messages
-def _value_error(key: str, message: str) -> ValueError:
-    return ValueError(f"{key}: {message}")
-
-
-def unknown_keys_error(unknown: list[str], family: FlatFamily, cfg: Mapping[str, Any]) -> ValueError:
-    lines = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, family.all_keys, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(family.all_keys)})"
-        lines.append(f"{key}={cfg[key]!r}: unknown key{hint}")
-    return ValueError("; ".join(lines))
-
-
 def _flat_error(exc: ValidationError, family: FlatFamily, entry: Loc = ()) -> ValueError:
     """A pydantic error of the Python config, each line naming the YAML key the user wrote (see ``errors.explain``).
 
@@ -197,20 +187,73 @@ def _flat_error(exc: ValidationError, family: FlatFamily, entry: Loc = ()) -> Va
     return ValueError("; ".join(lines))
 
 
+def _switch_error(family: FlatFamily, switch: Any) -> SettingError:
+    close = did_you_mean(switch, family.switch_values())
+    hint = f"; did you mean {close!r}?" if close else ""
+    return SettingError(
+        f"not {family.switch_noun}{hint}", field=family.prefix, value=switch, allowed=family.switch_allowed()
+    )
+
+
+# ----------------------------------------------------------------------- unknown keys
+#: how close an unknown key must be to one of ours (difflib ratio) to be taken for a misspelling of it
+NEAR_KEY = 0.8
+NEAR_PREFIX = 0.85
+
+
+def our_keys() -> list[str]:
+    """Every flat key of every feature (switches included)."""
+    return [key for family, _ in FAMILIES.values() for key in family.all_keys]
+
+
+def _looks_like_ours(key: str) -> bool:
+    """``key`` starts with one of our prefixes, or with something close to one, or is close to one of our keys."""
+    folded = key.lower().replace("-", "_")
+    for family, _ in FAMILIES.values():
+        prefix = family.prefix
+        if folded == prefix or folded.startswith(f"{prefix}_"):
+            return True
+        heads = {folded[: len(prefix) + d] for d in (-1, 0, 1)}
+        if any(difflib.SequenceMatcher(None, head, prefix).ratio() >= NEAR_PREFIX for head in heads):
+            return True
+    return bool(difflib.get_close_matches(folded, our_keys(), n=1, cutoff=NEAR_KEY))
+
+
+def unknown_keys(cfg: Mapping[str, Any], known: Collection[str] = ()) -> list[str]:
+    """Keys of ``cfg`` that look like ours (a prefix, or close to one of our keys) but are none of ours.
+
+    ``known``: keys that another part of the config takes (Axolotl's own fields); they are never reported.
+    """
+    ours = set(our_keys())
+    return [k for k in cfg if isinstance(k, str) and k not in ours and k not in known and _looks_like_ours(k)]
+
+
+def unknown_keys_error(unknown: list[str], cfg: Mapping[str, Any]) -> ValueError:
+    """``<key>=<value>: unknown key (did you mean <our key>?)`` per key (the family's keys where none is close)."""
+    lines = []
+    for key in unknown:
+        suggestion = did_you_mean(key, our_keys(), cutoff=0.5)
+        family = next((f for f, _ in FAMILIES.values() if key.startswith(f.prefix)), None)
+        candidates = family.all_keys if family is not None else our_keys()
+        lines.append(unknown_key(key, cfg[key], candidates, suggestion))
+    return ValueError("; ".join(lines))
+
+
 # ----------------------------------------------------------------------- conversion
 def _switched_values(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> tuple[Any, dict[str, Any]] | None:
     """(switch, {yaml: value}) of an enabled family, None when it is off; checks unknown keys and aliases."""
     if isinstance(cfg, Mapping):
         unknown = family.unknown(cfg.keys())
         if unknown:
-            raise unknown_keys_error(unknown, family, cfg)
+            raise unknown_keys_error(unknown, cfg)
     values = family.pick(cfg)
     switch = values.pop(family.prefix, None)
     if switch is None:
         if values:
-            raise _value_error(
-                ", ".join(sorted(values)),
-                f"set without {family.prefix}; add `{family.prefix}: ...` (allowed: {family.switch_allowed()})",
+            raise SettingError(
+                f"set without {family.prefix}, which turns the feature on",
+                settings=dict(sorted(values.items())),
+                allowed=f"with {family.prefix}: {family.switch_allowed(off=False)}",
             )
         return None
     if switch is False:
@@ -219,11 +262,15 @@ def _switched_values(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> tuple[
             warnings.warn(message, UserWarning, stacklevel=3)
         return None
     if switch is not True and (not isinstance(switch, str) or switch not in family.switch_values()):
-        raise _value_error(family.prefix, f"{switch!r} is not allowed (allowed: {family.switch_allowed()})")
+        raise _switch_error(family, switch)
     for yaml in values:
         alias_of = family.keys[yaml].alias_of
         if alias_of is not None and alias_of in values:
-            raise _value_error(f"{alias_of}, {yaml}", f"set one of them ({yaml} is an alias of {alias_of}), not both")
+            raise SettingError(
+                f"set one of them, not both ({yaml} is an alias of {alias_of})",
+                settings={alias_of: values[alias_of], yaml: values[yaml]},
+                allowed=f"{alias_of} or {yaml}",
+            )
     return switch, values
 
 
@@ -264,6 +311,7 @@ WEIGHT_AVERAGING = FlatFamily(
     ),
     switch_field="method",
     switch_values=registered_methods,
+    switch_noun="a registered averager, true or false",
 )
 #: the list entry that ``weight_averaging: <method>`` and its keys fill
 _ONE_AVERAGER = ("averagers", 0)
@@ -282,29 +330,29 @@ def weight_averaging_config_from_flat(cfg: Mapping[str, Any] | Any) -> WeightAve
     switch, values = switched
     top = {k.python: values.pop(y) for y, k in family.keys.items() if k.model is WeightAveragingConfig and y in values}
     spec = {family.keys[y].argument: v for y, v in values.items()}
+    beside_list = ", ".join(family.key(f) for f in top_fields(WeightAveragingConfig))
     if switch is True:
         if "averagers" not in top:
-            raise _value_error(
-                family.prefix,
-                f"true needs {family.key('averagers')} (a list of averager specs); for one averager write "
-                f"`{family.prefix}: <method>` (allowed: {' | '.join(registered_methods())})",
+            raise SettingError(
+                f"needs {family.key('averagers')} (a list of averagers); for one averager write "
+                f"`{family.prefix}: <method>`",
+                field=family.prefix,
+                value=True,
+                allowed=f"{family.prefix}: {' | '.join(registered_methods())}, or true with {family.key('averagers')}",
             )
         if spec:
-            keys = ", ".join(sorted(values))
-            raise _value_error(keys, f"with {family.key('averagers')}, set hyper-parameters inside each list entry")
+            raise SettingError(
+                f"with {family.key('averagers')}, set hyper-parameters inside each list entry",
+                settings=dict(sorted(values.items())),
+                allowed=f"beside {family.key('averagers')}: {beside_list}",
+            )
         return _validated(family, top)
     if "averagers" in top:
-        raise _value_error(
-            family.key("averagers"),
+        raise SettingError(
             f"needs `{family.prefix}: true`; the method goes in each entry (got {family.prefix}: {switch})",
-        )
-    applies = applicable_fields(switch)
-    stray = sorted(y for y in values if family.keys[y].python not in applies)
-    if stray:  # per key, before the model's own check, which names them together
-        names = sorted(family.key(k) for k in applies - FIELDS_OF_EVERY_METHOD if k in AveragerSpec.model_fields)
-        raise _value_error(
-            ", ".join(stray),
-            f"does not apply to {family.prefix}: {switch}; its hyper-parameters are {', '.join(names) or 'none'}",
+            field=family.key("averagers"),
+            value=top["averagers"],
+            allowed=f"{family.prefix}: true with {family.key('averagers')}, or {family.prefix}: <method> without it",
         )
     return _validated(family, {"averagers": [{"method": switch, **spec}], **top}, entry=_ONE_AVERAGER)
 
@@ -353,15 +401,20 @@ def self_distillation_config_from_flat(cfg: Mapping[str, Any] | Any) -> SelfDist
         warnings.simplefilter("ignore")
         averaging = weight_averaging_config_from_flat(cfg)
     if averaging is None:
-        raise _value_error(
-            SELF_DISTILLATION.prefix,
-            f"true needs {WEIGHT_AVERAGING.prefix}: <method> (the teacher is an averager; allowed: "
-            f"{' | '.join(registered_methods())})",
+        raise SettingError(
+            f"needs {WEIGHT_AVERAGING.prefix} (the teacher is an averager)",
+            field=SELF_DISTILLATION.prefix,
+            value=True,
+            allowed=f"beside {WEIGHT_AVERAGING.prefix}: {' | '.join(registered_methods())} | true",
         )
     names = [spec.label for spec in averaging.averagers]
     if config.teacher is not None and config.teacher not in names:
-        raise _value_error(
-            SELF_DISTILLATION.key("teacher"), f"{config.teacher!r} names no averager (allowed: {' | '.join(names)})"
+        close = did_you_mean(config.teacher, names)
+        raise SettingError(
+            "names no averager" + (f"; did you mean {close!r}?" if close else ""),
+            field=SELF_DISTILLATION.key("teacher"),
+            value=config.teacher,
+            allowed=" | ".join(names),
         )
     return config
 
@@ -376,6 +429,7 @@ DPO_REFERENCE = FlatFamily(
     ),
     switch_field="method",
     switch_values=reference_methods,
+    switch_noun="a reference update rule, true or false",
 )
 
 
@@ -393,15 +447,29 @@ FAMILIES: dict[str, tuple[FlatFamily, Callable[[Any], Any]]] = {
 }
 
 
-def check_flat_keys(cfg: Mapping[str, Any]) -> None:
-    """Validate every feature's flat keys in ``cfg``, unknown ones included; ValueError names the key."""
-    for family, convert in FAMILIES.values():
-        unknown = family.unknown(cfg.keys())
-        if unknown:
-            raise unknown_keys_error(unknown, family, cfg)
+def check_flat_keys(cfg: Mapping[str, Any], known: Collection[str] = ()) -> None:
+    """Validate every feature's flat keys in ``cfg``; ValueError names the key.
+
+    Keys that look like ours but are none of ours (``weight_averagin_decay``, ``dpo_refrence``) are errors with a
+    did-you-mean, unless ``known`` holds them (the keys another part of the config takes).
+    """
+    unknown = unknown_keys(cfg, known)
+    if unknown:
+        raise unknown_keys_error(unknown, cfg)
+    for _, convert in FAMILIES.values():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             convert(cfg)
+
+
+def known_keys(model: type[BaseModel]) -> set[str]:
+    """The keys ``model`` takes: its fields and their aliases."""
+    known = set()
+    for name, info in model.model_fields.items():
+        known.update(accepted_names(name, info))
+        if isinstance(info.alias, str):
+            known.add(info.alias)
+    return known
 
 
 def flat_args_model(
@@ -412,14 +480,16 @@ def flat_args_model(
 ) -> type[BaseModel]:
     """A pydantic model with every flat key of every feature (all optional: ``None`` = unset).
 
-    Before field validation it runs ``checks`` and then :func:`check_flat_keys` on the whole mapping (Axolotl
-    mixes the model into its own config model, so they see the whole YAML; the validator's name is prefixed
-    so that it cannot shadow one of Axolotl's validators).
+    Before field validation it runs :func:`check_flat_keys` and then ``checks`` on the whole mapping. Axolotl
+    mixes the model into its own config model, so they see the whole YAML before Axolotl drops the keys it
+    does not know, and ``cls`` is the merged model: a key that looks like ours but is one of Axolotl's fields
+    passes. The validator's name is prefixed so that it cannot shadow one of Axolotl's validators.
     """
 
     def _trl_ema_plugin_check_keys(cls: type[BaseModel], data: Any) -> Any:
         if isinstance(data, Mapping):
-            for check in (*checks, check_flat_keys):
+            check_flat_keys(data, known=known_keys(cls))
+            for check in checks:
                 check(data)
         return data
 
