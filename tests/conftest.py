@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -137,10 +138,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def launch_two_ranks(
-    script: Path, args: list[str], timeout: int = 600, launcher: str = "deepspeed"
+    script: Path, args: list[str], timeout: int = 600, launcher: str = "deepspeed", processes: int = 2
 ) -> subprocess.CompletedProcess:
     """``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 script args`` (``launcher="torchrun"``: ``torchrun
-    --nproc_per_node 2 script args``, for the FSDP2 scripts) with stdout and stderr merged.
+    --nproc_per_node <processes> script args``, for the FSDP2 scripts) with stdout and stderr merged.
 
     DeepSpeed and gloo on CPU occasionally lose a rank on a loaded 2-core machine (an abort in the
     launcher or at interpreter exit, never a wrong value); a failed launch is relaunched once on a new
@@ -150,7 +151,12 @@ def launch_two_ranks(
     # the repository (this checkout first), tests/ and ds_common for the scripts, whatever their folder
     paths = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent), str(DEEPSPEED_SCRIPTS)]
     env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
-    run = {"deepspeed": run_two_ranks, "torchrun": torchrun_two_ranks}[launcher]
+    if launcher == "torchrun":
+        run = functools.partial(torchrun_two_ranks, processes=processes)
+    elif processes == 2:
+        run = run_two_ranks
+    else:
+        raise ValueError(f"launcher={launcher!r} starts 2 processes, not {processes}")
     for attempt in (1, 2):
         result = run(
             [str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

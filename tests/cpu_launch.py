@@ -38,11 +38,13 @@ def run_two_ranks(script_and_args: Sequence[str], **run_kwargs: Any) -> subproce
         remove_deepspeed_shm_buffers(deepspeed_shm_buffers(port))
 
 
-def torchrun_two_ranks(script_and_args: Sequence[str], **run_kwargs: Any) -> subprocess.CompletedProcess:
+def torchrun_two_ranks(
+    script_and_args: Sequence[str], processes: int = 2, **run_kwargs: Any
+) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node 2 --master_port <free port> script args`` with this interpreter (FSDP2
-    scripts: gloo on CPU, no DeepSpeed buffers to clean up)."""
-    port = free_port()
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    scripts: gloo on CPU, no DeepSpeed buffers to clean up); ``processes``: another number of ranks."""
+    port, count = str(free_port()), str(processes)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", count, "--master_port", port]
     return subprocess.run([*launcher, *script_and_args], **run_kwargs)
 
 

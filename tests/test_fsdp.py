@@ -7,9 +7,15 @@ non-default settings), three ways: LoRA with ``reshard_after_forward=True``; LoR
 full fine-tuning with ``reshard_after_forward=False``. The LoRA model has rank 3 (rank 1 on
 ``q_proj``), so FSDP2 splits the LoRA A rows 2/1 and 1/0 (an empty shard on rank 1).
 
-The oracle is a float64 hand average of the trajectory gathered with DTensor's own ``full_tensor()``;
-the store computes in fp32, so they agree to fp32 rounding (≤ 1e-6 here; a misplaced row moves an
-element by > 1e-3).
+The real trainers run with accelerate's FSDP2 plugin (its CPU gate lifted by
+``fsdp_scripts/accelerate_cpu_fsdp.py``): ``sft_fsdp2.py`` (SFTTrainer: averages, checkpoints, the
+averaged evaluation, resume 2 → 2 and 2 → 1 ranks), ``dpo_reference_fsdp2.py`` (DPOTrainer with the moving
+``"ref"`` adapter) and ``distill_fsdp2.py`` (self-distillation against its 1-process twin); the last two
+reuse the ZeRO runs of ``deepspeed_scripts/``.
+
+The oracle is a float64 hand average (tests/oracles.py) of the trajectory gathered with DTensor's own
+``full_tensor()``; the store computes in fp32, so they agree to fp32 rounding (≤ 1e-6 here; a misplaced
+row moves an element by > 1e-3).
 """
 
 from __future__ import annotations
@@ -47,9 +53,9 @@ def _load(name: str):
     return module
 
 
-def launch(script: str, args: list[str]):
+def launch(script: str, args: list[str], processes: int = 2):
     """``torchrun --nproc_per_node 2 script args`` (gloo on CPU), relaunched once if a rank is lost."""
-    return launch_two_ranks(SCRIPTS / script, args, launcher="torchrun")
+    return launch_two_ranks(SCRIPTS / script, args, launcher="torchrun", processes=processes)
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +262,8 @@ def sft():
     return _load("sft_fsdp2")
 
 
-def _trainer_run(folder: Path, *args: str) -> dict:
-    result = launch("sft_fsdp2.py", ["--output_dir", str(folder), *args])
+def _trainer_run(folder: Path, *args: str, processes: int = 2) -> dict:
+    result = launch("sft_fsdp2.py", ["--output_dir", str(folder), *args], processes)
     log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)
     assert result.returncode == 0 and (folder / "report.json").is_file(), f"trainer run failed:\n{log[-8000:]}"
     data = torch.load(folder / "trajectory.pt", weights_only=False)
@@ -361,9 +367,12 @@ def one_process_eval_loss(sft, adapter_folder: Path, tmp_path: Path) -> float:
 
 
 @slow
-def test_trainer_resumes_its_fsdp2_checkpoint_with_the_averages(trainer_run, sft, tmp_path):
-    """2 → 2 ranks through resume_from_checkpoint: the trainer restores its FSDP2 checkpoint, the callback the
-    averager state (every rank its rows); steps 4..6 continue the hand average from the saved state."""
+@pytest.mark.parametrize("processes", [2, 1], ids=["2_to_2_ranks", "2_to_1_rank"])
+def test_trainer_resumes_its_fsdp2_checkpoint_with_the_averages(trainer_run, sft, tmp_path, processes):
+    """2 → 2 and 2 → 1 ranks through resume_from_checkpoint: the trainer restores its FSDP2 checkpoint, the callback
+    the averager state (every rank its rows: on 1 rank, all of them); steps 4..6 continue the hand average from the
+    saved state. One process is a 1-rank FSDP2 run (torchrun, one process): transformers refuses an FSDP checkpoint
+    in a run without FSDP ("is only supported when using PyTorch FSDP"), and DCP reshards SHARDED_STATE_DICT."""
     from importlib.metadata import version
 
     from packaging.version import Version
@@ -378,13 +387,19 @@ def test_trainer_resumes_its_fsdp2_checkpoint_with_the_averages(trainer_run, sft
     checkpoint = trainer_run["dir"] / f"checkpoint-{sft.SAVE_STEPS}"
     resumed = _trainer_run(
         tmp_path / "resumed", "--no-reshard", "--state_dict_type", trainer_run["state_dict_type"],
-        "--resume_from", str(checkpoint),
+        "--resume_from", str(checkpoint), processes=processes,
     )  # fmt: skip
+    ranks = resumed["report"]["ranks"]
+    assert [r["layout"] for r in ranks] == ["Fsdp2Layout"] * processes
+    assert sum(r["local_numel"] for r in ranks) == ranks[0]["full_numel"]
     trajectory = resumed["trajectory"]
     assert sorted(trajectory) == list(range(sft.SAVE_STEPS, sft.MAX_STEPS + 1))
-    for step in (sft.SAVE_STEPS, sft.MAX_STEPS):  # the trainer restored θ_3 and trained on as without a break
+    for step in range(sft.SAVE_STEPS, sft.MAX_STEPS + 1):  # the trainer restored θ_3 and trained on as without a break
         for name, value in trainer_run["trajectory"][step].items():
-            assert torch.equal(trajectory[step][name], value), f"step {step}: {name}"
+            if processes == 2 or step == sft.SAVE_STEPS:
+                assert torch.equal(trajectory[step][name], value), f"step {step}: {name}"
+            else:  # one batch of 4 instead of two of 2 with averaged gradients: fp32 rounding (measured ≤ 2.2e-7)
+                torch.testing.assert_close(trajectory[step][name], value, atol=2e-6, rtol=0, msg=name)
     bema, ema = sft.AVERAGERS
     for spec, folder in ((bema, "averaged"), (ema, "averaged-ema")):
         name = spec.get("name", spec["method"])
@@ -394,3 +409,71 @@ def test_trainer_resumes_its_fsdp2_checkpoint_with_the_averages(trainer_run, sft
         buffers = ("ema", "theta0") if spec["method"] == "bema" else ("ema",)
         start = {"step": sft.SAVE_STEPS, **{b: state_of(saved, b) for b in buffers}}
         assert_adapter_matches(tmp_path / "resumed" / folder, hand_average(spec, trajectory, sft.MAX_STEPS, start))
+
+
+# ------------------------------------------------------------- the moving DPO reference (accelerate FSDP2)
+@pytest.fixture(scope="module", params=[[], ["--no-reshard"]], ids=["reshard", "keep_unsharded"])
+def dpo_run(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dpo_fsdp2")
+    result = launch("dpo_reference_fsdp2.py", ["--output_dir", str(folder), *request.param])
+    log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)
+    assert result.returncode == 0 and (folder / "trajectory.pt").is_file(), f"DPO run failed:\n{log[-8000:]}"
+    return torch.load(folder / "trajectory.pt", weights_only=False)
+
+
+@slow
+def test_dpo_reference_is_sharded_and_follows_the_hand_bema_under_fsdp2(dpo_run, tokenizer):
+    """DPOTrainer + accelerate's FSDP2 plugin, 2 ranks: "ref" is sharded like the policy (DTensors, Fsdp2Layout);
+    at each sync step it equals the float64 BEMA of the gathered policy trajectory and stays put in between;
+    every reference forward the trainer ran equals a one-process base model + that adapter."""
+    import dpo_reference_zero as script  # the ZeRO-3 run's settings and recorder; deepspeed_scripts is on sys.path
+    from test_dpo_reference import BEMA, all_equal, assert_close, assert_reference_log_probs, hand_bema
+
+    from trl_ema_plugin.demos.tiny import tiny_llama
+
+    assert {k: script.REFERENCE[k] for k in BEMA} == BEMA and script.REFERENCE["ref_update_every"] == 2
+    assert dpo_run["world_size"] == 2 and dpo_run["layouts"] == ["Fsdp2Layout", "Fsdp2Layout"]
+    assert dpo_run["dtensors"] and dpo_run["base_identical"]
+    theta, ref = dpo_run["theta"], dpo_run["ref"]
+    assert sorted(theta) == list(range(script.MAX_STEPS + 1)) and all_equal(ref[0], theta[0])
+    for t in range(1, script.MAX_STEPS + 1):
+        if t % 2 == 0:
+            assert not all_equal(ref[t], ref[t - 1]), f"reference did not move at sync step {t}"
+            assert_close(ref[t], hand_bema(theta, t))
+        else:
+            assert all_equal(ref[t], ref[t - 1]), f"reference moved at step {t}"
+    captured = dpo_run["captured"]
+    assert [step for step, *_ in captured] == [0, 1, 2, 3]  # rank 0's reference forward of each step
+    expected = {0: theta[0], 1: theta[0], 2: hand_bema(theta, 2), 3: hand_bema(theta, 2)}
+    assert_reference_log_probs(captured, expected, tiny_llama(tokenizer, seed=0))
+
+
+# ---------------------------------------------------------------- self-distillation (accelerate FSDP2)
+@pytest.fixture(scope="module")
+def distill_single(tmp_path_factory):
+    """The 1-process twin: same model, data, global batch and order, no FSDP."""
+    import distill_zero  # tests/deepspeed_scripts is on sys.path
+
+    return distill_zero.run(str(tmp_path_factory.mktemp("distill_single")))
+
+
+@slow
+@pytest.mark.parametrize("options", [[], ["--no-reshard"]], ids=["reshard", "keep_unsharded"])
+def test_self_distillation_under_fsdp2_matches_one_process(options, distill_single, tmp_path):
+    """SFTTrainer + accelerate's FSDP2 plugin, 2 ranks: the teacher adapter is sharded like the policy (each rank
+    holds half of its bytes); the teacher starts from random LoRA weights, so the term is 0 at step 0 only if every
+    rank's rows of the average reached it; the logged terms equal the one-process run's."""
+    result = launch("distill_fsdp2.py", ["--output_dir", str(tmp_path), *options])
+    log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)
+    assert result.returncode == 0 and (tmp_path / "report.json").is_file(), f"distillation run failed:\n{log[-8000:]}"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["layout"] == "Fsdp2Layout" and distill_single["layout"] == "LocalLayout"
+    assert report["teacher_forwards"] == 3
+    assert report["teacher_bytes"] == distill_single["teacher_bytes"] // 2  # rank 0's rows: every LoRA dim is even
+    distill = report["loss/distill"]
+    assert distill[0] == 0.0 and all(value > 1e-5 for value in distill[1:])
+    # the same global batch in the same order, gradients reduce-scattered: fp32 rounding (measured ≤ 8.4e-5 relative)
+    assert distill == pytest.approx(distill_single["loss/distill"], rel=5e-4, abs=1e-9)
+    assert report["loss/task"] == pytest.approx(distill_single["loss/task"], rel=1e-5)
+    total = [task + term for task, term in zip(report["loss/task"], distill, strict=True)]
+    assert report["loss"] == pytest.approx(total, rel=1e-5)

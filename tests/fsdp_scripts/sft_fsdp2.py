@@ -1,8 +1,9 @@
 """One TRL SFTTrainer run with accelerate's FSDP2 plugin and ``WeightAveragingCallback``, on 2 CPU ranks.
 
-Launched by tests/test_fsdp.py (with the repository root and tests/ on PYTHONPATH) as
-``torchrun --nproc_per_node 2 sft_fsdp2.py --output_dir D [--no-reshard] [--resume_from CKPT]
-[--state_dict_type SHARDED_STATE_DICT]`` (the trainer's own checkpoint format; default FULL_STATE_DICT).
+Launched by tests/test_fsdp.py (with the repository root, tests/ and tests/deepspeed_scripts on PYTHONPATH)
+as ``torchrun --nproc_per_node 2 sft_fsdp2.py --output_dir D [--no-reshard] [--resume_from CKPT]
+[--state_dict_type SHARDED_STATE_DICT]`` (the trainer's own checkpoint format; default FULL_STATE_DICT), and
+with ``--nproc_per_node 1`` to resume a 2-rank checkpoint on one rank.
 ``SFTConfig(fsdp=True, fsdp_config={"fsdp_version": 2, ...})``; accelerate's CPU gate is lifted by
 :mod:`accelerate_cpu_fsdp` (see there: the one decision it changes). LoRA rank 3 (uneven shards),
 BEMA primary + EMA with non-default settings, checkpoints at steps 3 and 6, an averaged evaluation
