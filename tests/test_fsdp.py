@@ -231,7 +231,7 @@ def test_resume_on_one_process_from_the_two_rank_state(run, loop):
 
 
 @slow
-def test_fsdp1_and_unsupported_shardings_are_refused_with_a_pointer_to_fsdp2(tmp_path):
+def test_fsdp1_unsupported_shardings_and_a_late_ref_adapter_are_refused(tmp_path):
     result = launch("fsdp_refusals.py", ["--output_dir", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-8000:]
     found = json.loads((tmp_path / "refusals.json").read_text())
@@ -242,6 +242,9 @@ def test_fsdp1_and_unsupported_shardings_are_refused_with_a_pointer_to_fsdp2(tmp
     # FSDP1 really flattens: the LoRA A (3 × 64) is a 192-element view on rank 0 and empty on rank 1
     assert [shapes[0][1] for shapes in found["fsdp1_shapes"]] == [[192], [0]]
     assert found["shard_dim1"] is not None and "Shard(dim=1)" in found["shard_dim1"]
+    refused = found["reference_added_after_sharding"]
+    assert refused is not None and "under FSDP2 it must exist before the model is sharded" in refused
+    assert found["reference_adapters"] == ["default"]  # nothing was added
 
 
 @pytest.mark.parametrize("config", [{"fsdp_version": 1}, {"version": 1}])
@@ -427,25 +430,14 @@ def test_dpo_reference_is_sharded_and_follows_the_hand_bema_under_fsdp2(dpo_run,
     at each sync step it equals the float64 BEMA of the gathered policy trajectory and stays put in between;
     every reference forward the trainer ran equals a one-process base model + that adapter."""
     import dpo_reference_zero as script  # the ZeRO-3 run's settings and recorder; deepspeed_scripts is on sys.path
-    from test_dpo_reference import BEMA, all_equal, assert_close, assert_reference_log_probs, hand_bema
+    from test_dpo_reference import BEMA, assert_two_rank_reference
 
     from trl_ema_plugin.demos.tiny import tiny_llama
 
     assert {k: script.REFERENCE[k] for k in BEMA} == BEMA and script.REFERENCE["ref_update_every"] == 2
     assert dpo_run["world_size"] == 2 and dpo_run["layouts"] == ["Fsdp2Layout", "Fsdp2Layout"]
     assert dpo_run["dtensors"] and dpo_run["base_identical"]
-    theta, ref = dpo_run["theta"], dpo_run["ref"]
-    assert sorted(theta) == list(range(script.MAX_STEPS + 1)) and all_equal(ref[0], theta[0])
-    for t in range(1, script.MAX_STEPS + 1):
-        if t % 2 == 0:
-            assert not all_equal(ref[t], ref[t - 1]), f"reference did not move at sync step {t}"
-            assert_close(ref[t], hand_bema(theta, t))
-        else:
-            assert all_equal(ref[t], ref[t - 1]), f"reference moved at step {t}"
-    captured = dpo_run["captured"]
-    assert [step for step, *_ in captured] == [0, 1, 2, 3]  # rank 0's reference forward of each step
-    expected = {0: theta[0], 1: theta[0], 2: hand_bema(theta, 2), 3: hand_bema(theta, 2)}
-    assert_reference_log_probs(captured, expected, tiny_llama(tokenizer, seed=0))
+    assert_two_rank_reference(dpo_run, script.MAX_STEPS, tiny_llama(tokenizer, seed=0))
 
 
 # ---------------------------------------------------------------- self-distillation (accelerate FSDP2)

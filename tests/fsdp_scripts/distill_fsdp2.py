@@ -10,25 +10,15 @@ Rank 0 writes ``D/report.json`` (the keys of ``distill_zero.run``).
 
 from __future__ import annotations
 
-import torch.distributed as dist
-from accelerate_cpu_fsdp import allow_fsdp_on_cpu
 from distill_zero import run  # tests/deepspeed_scripts is on PYTHONPATH (conftest.launch_two_ranks)
-from fsdp_common import base_parser, exit_now, prepare_process
+from fsdp_common import base_parser, finish, prepare_process, trainer_fsdp2_args
 
 
 def main() -> None:
     options = base_parser().parse_args()
     prepare_process()
-    allow_fsdp_on_cpu()
-    fsdp_config = {
-        "fsdp_version": 2,
-        "reshard_after_forward": not options.no_reshard,
-        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-    }
-    run(options.output_dir, fsdp=True, fsdp_config=fsdp_config)
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_now()
+    run(options.output_dir, **trainer_fsdp2_args(not options.no_reshard))
+    finish()
 
 
 if __name__ == "__main__":

@@ -14,26 +14,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate_cpu_fsdp import allow_fsdp_on_cpu
 from dpo_reference_zero import run  # tests/deepspeed_scripts is on PYTHONPATH (conftest.launch_two_ranks)
-from fsdp_common import base_parser, exit_now, prepare_process
+from fsdp_common import base_parser, finish, prepare_process, trainer_fsdp2_args
 
 
 def main() -> None:
     options = base_parser().parse_args()
     prepare_process()
-    allow_fsdp_on_cpu()
-    fsdp_config = {
-        "fsdp_version": 2,
-        "reshard_after_forward": not options.no_reshard,
-        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-    }
-    result = run("default", str(Path(options.output_dir) / "run"), zero=None, fsdp=True, fsdp_config=fsdp_config)
+    fsdp = trainer_fsdp2_args(not options.no_reshard)
+    result = run("default", str(Path(options.output_dir) / "run"), zero=None, **fsdp)
     if dist.get_rank() == 0:
         torch.save(result, Path(options.output_dir) / "trajectory.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_now()
+    finish()
 
 
 if __name__ == "__main__":

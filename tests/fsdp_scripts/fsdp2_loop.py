@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from fsdp_common import CollectiveCounter, base_parser, exit_now, full_weights, layout_facts, prepare_process
+from fsdp_common import CollectiveCounter, base_parser, finish, full_weights, layout_facts, prepare_process
 from peft import LoraConfig, get_peft_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -189,8 +189,6 @@ def run(output_dir: str, reshard_after_forward: bool, bf16: bool, full: bool) ->
         (out / "report.json").write_text(json.dumps(report, indent=1))
         torch.save({"trajectory": trajectory, "under_swap": under_swap, "after_swap": after_swap, **saved},
                    out / "trajectory.pt")  # fmt: skip
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -200,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     prepare_process()
     run(args.output_dir, not args.no_reshard, args.bf16, args.full)
-    exit_now()
+    finish()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared by the 2-rank FSDP2 test scripts: a collective counter and a reference gather.
+"""Shared by the 2-rank FSDP2 test scripts: a collective counter, a reference gather, the trainer's FSDP2
+arguments and the process set-up and exit.
 
 ``CollectiveCounter`` runs the code under ``torch.profiler`` and counts the process group's own
 communication events (``gloo:all_gather``, ``gloo:all_reduce``...): every collective, whichever
@@ -13,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +53,30 @@ def full_weights(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tenso
         full = p.full_tensor() if isinstance(p, DTensor) else p
         out[name] = full.detach().to("cpu", torch.float64, copy=True)
     return out
+
+
+def trainer_fsdp2_args(reshard_after_forward: bool = True, **config: Any) -> dict[str, Any]:
+    """Training arguments for accelerate's FSDP2 plugin (each decoder layer and the root sharded), with
+    accelerate's CPU gate lifted (:mod:`accelerate_cpu_fsdp`); ``config``: more ``fsdp_config`` entries."""
+    from accelerate_cpu_fsdp import allow_fsdp_on_cpu
+
+    allow_fsdp_on_cpu()
+    fsdp_config = {
+        "fsdp_version": 2,
+        "reshard_after_forward": reshard_after_forward,
+        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+        **config,
+    }
+    return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
+def finish() -> None:
+    """Every rank done: barrier, destroy the process group, :func:`exit_now`."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    exit_now()
 
 
 def exit_now() -> None:

@@ -7,6 +7,8 @@ Rank 0 writes ``D/refusals.json``: for each case the error ``build_layout`` rais
   layer and the root, parameters read from the unwrapped inner model (names carry the wrappers);
 * ``fsdp1_root_only``: FSDP1 on the root only, the wrapper passed as ``model``;
 * ``shard_dim1``: a DTensor parameter sharded on dim 1 (not FSDP2's dim-0 rule);
+* ``reference_added_after_sharding``: ``AveragedReferenceCallback`` set up on a LoRA model that ``fully_shard``
+  sharded without a ``"ref"`` adapter (one added now would not be sharded);
 * also ``fsdp1_shapes``: the shapes FSDP1 gives the LoRA parameters (flat 1-D views, uneven per rank).
 """
 
@@ -18,16 +20,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from fsdp_common import exit_now
+from fsdp_common import finish
 from peft import LoraConfig, get_peft_model
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import Shard, distribute_tensor
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.parallel import build_layout
+from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
 from trl_ema_plugin.shadow import trainable_parameters
 
 
@@ -71,12 +74,19 @@ def main() -> None:
     linear.weight = torch.nn.Parameter(distribute_tensor(linear.weight.detach(), mesh, [Shard(1)]))
     found["shard_dim1"] = refusal([("weight", linear.weight)], None)
 
+    sharded = lora_model()
+    fully_shard(sharded)
+    try:
+        AveragedReferenceCallback("bema", update_every=1).setup(sharded, None)
+        found["reference_added_after_sharding"] = None
+    except ValueError as error:
+        found["reference_added_after_sharding"] = str(error)
+    found["reference_adapters"] = sorted(sharded.peft_config)
+
     if dist.get_rank() == 0:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.output_dir) / "refusals.json").write_text(json.dumps(found, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_now()
+    finish()
 
 
 if __name__ == "__main__":

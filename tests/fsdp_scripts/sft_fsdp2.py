@@ -24,9 +24,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate_cpu_fsdp import allow_fsdp_on_cpu
 from ds_common import twin_args
-from fsdp_common import CollectiveCounter, base_parser, exit_now, full_weights, layout_facts, prepare_process
+from fsdp_common import (
+    CollectiveCounter,
+    base_parser,
+    finish,
+    full_weights,
+    layout_facts,
+    prepare_process,
+    trainer_fsdp2_args,
+)
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import SFTTrainer
@@ -114,17 +121,11 @@ class Inspector(TrainerCallback):
 
 
 def run(output_dir: str, reshard_after_forward: bool, resume_from: str | None, state_dict_type: str) -> None:
-    allow_fsdp_on_cpu()
     tokenizer = tiny_tokenizer()
-    fsdp_config = {
-        "fsdp_version": 2,
-        "reshard_after_forward": reshard_after_forward,
-        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-        "state_dict_type": state_dict_type,
-    }
     args = twin_args(  # the 2-rank twin run of the tests (global batch, order), under FSDP2
         output_dir, max_steps=MAX_STEPS, per_device_eval_batch_size=EVAL_BATCH, eval_strategy="steps",
-        eval_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_STEPS, fsdp=True, fsdp_config=fsdp_config,
+        eval_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_STEPS,
+        **trainer_fsdp2_args(reshard_after_forward, state_dict_type=state_dict_type),
     )  # fmt: skip
     averaging = WeightAveragingCallback(averagers=AVERAGERS)
     recorder, inspector = Recorder(), Inspector(averaging)
@@ -167,8 +168,6 @@ def run(output_dir: str, reshard_after_forward: bool, resume_from: str | None, s
             },
             out / "trajectory.pt",
         )
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -180,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     prepare_process()
     run(args.output_dir, not args.no_reshard, args.resume_from, args.state_dict_type)
-    exit_now()
+    finish()
 
 
 if __name__ == "__main__":
