@@ -71,7 +71,7 @@ def test_grpo_averages_every_optimizer_step_checkpoints_resumes_and_exports(tmp_
         torch.testing.assert_close(params[name].double(), value, rtol=1e-5, atol=1e-6)
 
     # resume at the generation boundary 4 (outside output_dir): updates 5, 6 continue the same average
-    resumed, resumed_averaging, resumed_recorder = grpo_run(
+    _, resumed_averaging, resumed_recorder = grpo_run(
         tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4")
     )
     assert resumed_averaging.primary.averager.num_updates == 5

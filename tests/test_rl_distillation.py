@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from rl_helpers import generation_trainer, lora_policy
+from rl_helpers import generation_trainer, kto_trainer, lora_policy
 
 from trl_ema_plugin import SelfDistillationCallback, WeightAveragingCallback, attach
 from trl_ema_plugin.integrations.trl.student_outputs import completion_positions
@@ -201,3 +201,10 @@ def test_teacher_starts_at_the_adapter(tmp_path):
     for name, value in params(trainer.model, "default").items():
         teacher = params(trainer.model, TEACHER)[name.replace(".default.", f".{TEACHER}.")]
         assert torch.equal(teacher, value) and bool(value.abs().sum() > 0)
+
+
+def test_kto_is_refused(tmp_path):
+    callbacks = [WeightAveragingCallback(method="ema", decay=0.5), SelfDistillationCallback()]
+    trainer = kto_trainer(tmp_path, callbacks, model=lora_policy()[0])
+    with pytest.raises(ValueError, match="not KTOTrainer"):
+        attach(trainer)

@@ -104,6 +104,11 @@ class SelfDistillationCallback(PluginCallback):
         ]
         if others:
             raise ValueError("a trainer takes one SelfDistillationCallback")
+        if trainer_kind(trainer) == "KTO":
+            raise ValueError(
+                "self-distillation supports SFTTrainer, DPOTrainer, GRPOTrainer and RLOOTrainer, not KTOTrainer "
+                "(its batches mix desirable and undesirable completions)"
+            )
         self.averaging = self._find_averaging(trainer)
         model = unwrap_model(trainer.model)
         self.teacher = TeacherAdapter(model, self.config.adapter_name)
