@@ -7,8 +7,9 @@ Prompts are stdlib function signatures + docstrings (``experiments/stdlib_data.p
 (never tuned here) is 1 when ``prompt + completion`` parses with :mod:`ast`. Every step samples one prompt's
 ``--completions`` completions of up to ``--length`` tokens (one generation batch per optimizer step, TRL's
 default), computes the reference log-probs (``beta=0.04``), and takes one optimizer step. The first step of
-each variant (start-up) is not counted. Prints seconds per step (median and range) and the ratio to the fixed
-reference.
+each variant (start-up) is not counted. Prints CPU seconds per step (this process, all its threads: the
+machine's other jobs do not inflate it; divide by the cores a run gets for wall time), median and range, and
+the ratio to the fixed reference.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from trl import GRPOConfig, GRPOTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.smollm2 import load_smollm2
 from experiments.stdlib_data import sft_rows
-
 from trl_ema_plugin import AveragedReferenceCallback, SelfDistillationCallback, WeightAveragingCallback, attach
 
 
@@ -46,14 +46,16 @@ def parses(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
 
 
 class StepTimer(TrainerCallback):
+    """CPU seconds of this process per optimizer step (all its threads): robust to other jobs on the machine."""
+
     def __init__(self) -> None:
         self.times: list[float] = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start = time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
+        self.times.append(time.process_time() - self.start)
 
 
 def run(variant: str, steps: int, completions: int, length: int) -> tuple[list[float], float]:
@@ -95,7 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--completions", type=int, default=4)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
     baseline = None
@@ -104,7 +106,7 @@ def main() -> None:
         median = statistics.median(times)
         baseline = baseline or median
         print(
-            f"{variant:>13}: {median:6.2f} s/step (range {min(times):.2f}–{max(times):.2f}, {len(times)} steps), "
+            f"{variant:>13}: {median:6.2f} CPU s/step (range {min(times):.2f}–{max(times):.2f}, {len(times)} steps), "
             f"× {median / baseline:.2f} of fixed; completions of {mean_length:.0f} tokens on average",
             flush=True,
         )

@@ -23,14 +23,6 @@ SEVERAL_STEPS_PER_GENERATION = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def upto(weights: dict[int, dict[str, torch.Tensor]], step: int) -> dict[int, dict[str, torch.Tensor]]:
     return {t: w for t, w in weights.items() if t <= step}
 

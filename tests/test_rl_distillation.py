@@ -8,19 +8,12 @@ import shutil
 import pytest
 import torch
 from rl_helpers import generation_trainer, kto_trainer, lora_policy
+from trl_helpers import grads, logged, params
 
 from trl_ema_plugin import SelfDistillationCallback, WeightAveragingCallback, attach
 from trl_ema_plugin.integrations.trl.student_outputs import completion_positions
 
 TEACHER = "ema_teacher"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def distilled(kind, output_dir, *, architecture="llama", averager=None, distill=None, **overrides):
@@ -29,18 +22,6 @@ def distilled(kind, output_dir, *, architecture="llama", averager=None, distill=
     trainer = generation_trainer(kind, output_dir, [averaging, distillation], architecture=architecture, **overrides)
     attach(trainer)
     return trainer, averaging, distillation
-
-
-def logged(trainer, key: str) -> list[float]:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
-
-
-def params(model, adapter: str) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_completion_positions_follow_the_sampled_tokens():

@@ -36,14 +36,6 @@ from trl_ema_plugin import AveragedReferenceCallback, attach
 from trl_ema_plugin.integrations.trl.reference import LEGACY_REFERENCE_FOLDERS, REFERENCE_FOLDER
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def base_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ds_common import stable_gather, zero_config
+from ds_common import gathered, zero_config
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -29,7 +29,7 @@ from trl_ema_plugin import AveragedReferenceCallback, SelfDistillationCallback, 
 from trl_ema_plugin.demos.tiny import letters_reward, tiny_llama, tiny_prompt_dataset, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the reference probe
-from rl_helpers import ReferenceProbe
+from rl_helpers import ReferenceProbe, generation_args
 
 #: BEMA with non-default settings: starts at step 1, moves at every step; written at each generation batch
 REFERENCE: dict[str, Any] = {
@@ -42,11 +42,6 @@ LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
 MAX_STEPS = 5
 WARMUP = 1
 GLOBAL_BATCH = 4
-
-
-def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
-    full = stable_gather(params)
-    return [full[n] for n, _ in params]
 
 
 class Recorder(TrainerCallback):
@@ -84,25 +79,10 @@ def run(persistence: str, output_dir: str) -> dict[str, Any]:
     model = tiny_llama(tokenizer, seed=0)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(**LORA))
-    args = GRPOConfig(
-        output_dir=output_dir,
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        num_generations=4,
-        max_completion_length=8,
-        steps_per_generation=2,
-        beta=0.1,
-        learning_rate=5e-2,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        deepspeed=zero_config(3, persistence),
-    )
+    args = generation_args(
+        GRPOConfig, output_dir, max_steps=MAX_STEPS, per_device_train_batch_size=GLOBAL_BATCH // world_size,
+        steps_per_generation=2, fp16=False, deepspeed=zero_config(3, persistence),
+    )  # fmt: skip
     reference = AveragedReferenceCallback(**REFERENCE)
     averaging = WeightAveragingCallback(method="bema", eval=False, export_at_end=False, **AVERAGING)
     distillation = SelfDistillationCallback(lambda_=1.0, warmup_steps=WARMUP)

@@ -27,13 +27,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama(
-    tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, hidden_size: int = 64
-) -> LlamaForCausalLM:
-    """A 2-layer Llama (about 0.1 M parameters) with random weights, in fp32."""
-    tokenizer = tokenizer or tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def _decoder_sizes(tokenizer: PreTrainedTokenizerFast, hidden_size: int) -> dict[str, Any]:
+    """2 layers, 4 heads (2 KV heads), the tokenizer's vocabulary and special tokens."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -44,9 +40,16 @@ def tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config)
+
+
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, hidden_size: int = 64
+) -> LlamaForCausalLM:
+    """A 2-layer Llama (about 0.1 M parameters) with random weights, in fp32."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**_decoder_sizes(tokenizer, hidden_size), tie_word_embeddings=False))
 
 
 def tiny_qwen2(
@@ -55,20 +58,7 @@ def tiny_qwen2(
     """A 2-layer Qwen2 (biases on q/k/v, tied embeddings) with random weights, in fp32: an architecture beside Llama."""
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(Qwen2Config(**_decoder_sizes(tokenizer, hidden_size), tie_word_embeddings=True))
 
 
 _WORDS = [
