@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the 2-rank launcher lives with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deepspeed_scripts"))  # shared with the tests
 from cpu_launch import run_two_ranks
+from ds_common import cpu_training_args
 
 warnings.filterwarnings("ignore")
 
@@ -35,7 +37,7 @@ def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int)
     import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from trl_ema_plugin import WeightAveragingCallback
     from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
@@ -57,37 +59,12 @@ def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int)
     model = get_peft_model(
         model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0)
     )
-    ds_config = None
-    if zero is not None:
-        buckets = {"reduce_bucket_size": 1_000_000}
-        if zero == 3:
-            buckets["stage3_prefetch_bucket_size"] = 1_000_000
-        else:
-            buckets["allgather_bucket_size"] = 1_000_000
-        ds_config = {
-            "zero_optimization": {"stage": zero, **buckets},
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "steps_per_print": 1_000_000,
-        }
     averaging = TimedAveraging(method="bema", update_every=1, eval=False, export_at_end=False, save_checkpoints=False)
     averaging.durations = []
-    args = SFTConfig(
-        output_dir=str(out / "run"),
-        max_steps=steps,
-        per_device_train_batch_size=8 // world_size,
-        learning_rate=1e-3,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        max_length=64,
-        disable_tqdm=True,
-        logging_steps=steps,
-        deepspeed=ds_config,
-    )
+    args = cpu_training_args(
+        str(out / "run"), zero=zero, max_steps=steps, per_device_train_batch_size=8 // world_size,
+        learning_rate=1e-3, max_length=64, logging_steps=steps,
+    )  # fmt: skip
     trainer = SFTTrainer(
         model=model,
         args=args,

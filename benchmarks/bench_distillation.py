@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deepspeed_scripts"))  # shared with the tests
+from ds_common import cpu_training_args
 
 warnings.filterwarnings("ignore")
 
@@ -51,17 +56,12 @@ def _build(out: str, hidden: int, layers: int, batch: int, length: int) -> tuple
     distillation = SelfDistillationCallback(lambda_=0.5, temperature=2.0)
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(
-            output_dir=out,
+        args=cpu_training_args(
+            out,
             max_steps=2,
             per_device_train_batch_size=batch,
             learning_rate=1e-3,
-            report_to=[],
-            use_cpu=True,
-            bf16=False,
             max_length=length,
-            save_strategy="no",
-            disable_tqdm=True,
             logging_steps=1000,
         ),
         train_dataset=tiny_sft_dataset(4 * batch),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import oracles
 import torch
+from ds_common import cpu_training_args
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, RLOOConfig, RLOOTrainer
@@ -37,30 +39,19 @@ def lora_policy(architecture: str = "llama", seed: int = 0) -> tuple[torch.nn.Mo
     return get_peft_model(base, LoraConfig(**LORA)), initial
 
 
-def _common(output_dir: str, **overrides: Any) -> dict[str, Any]:
+def _defaults(**overrides: Any) -> dict[str, Any]:
+    """4 optimizer steps of 4 examples, logged at each, on the CPU (:func:`ds_common.cpu_training_args`)."""
     values: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=5e-2,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return values
+        max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=5e-2,
+        logging_steps=1, seed=0,
+    )  # fmt: skip
+    return {**values, **overrides}
 
 
 def generation_args(config_class: type, output_dir: str, **overrides: Any) -> Any:
     """GRPO/RLOO: 4 completions of ≤ 8 tokens per prompt, one prompt group per micro-batch, KL on (beta 0.1)."""
-    values = _common(output_dir, num_generations=4, max_completion_length=8, beta=0.1)
-    values.update(overrides)
-    return config_class(**values)
+    values = _defaults(num_generations=4, max_completion_length=8, beta=0.1)
+    return cpu_training_args(str(output_dir), config_class, **{**values, **overrides})
 
 
 def generation_trainer(
@@ -96,12 +87,11 @@ def generation_trainer(
 def kto_trainer(
     output_dir: str, callbacks: list, *, model: torch.nn.Module, ref_model: Any = None, **overrides: Any
 ) -> KTOTrainer:
-    values = _common(output_dir, learning_rate=1e-2, max_length=64)
-    values.update(overrides)
+    values = _defaults(learning_rate=1e-2, max_length=64)
     return KTOTrainer(
         model=model,
         ref_model=ref_model,
-        args=KTOConfig(**values),
+        args=cpu_training_args(str(output_dir), KTOConfig, **{**values, **overrides}),
         train_dataset=tiny_kto_dataset(16, seed=0),
         eval_dataset=tiny_kto_dataset(8, seed=1),
         processing_class=tiny_tokenizer(),
@@ -199,17 +189,8 @@ def assert_reference_log_probs(forward: dict[str, Any], adapter: list[torch.Tens
 
 
 def hand_bema(theta: dict[int, list[torch.Tensor]], t: int, settings: dict[str, Any] = BEMA) -> list[torch.Tensor]:
-    """BEMA of the recorded θ at step t, float64 (update_every = 1):
-    θ̂_t = α_t (θ_t − θ_τ) + EMA_t, EMA_t = (1 − β_t) EMA_{t−1} + β_t θ_t, EMA_τ = θ_τ."""
-    tau, lag, gamma = settings["update_after"], settings["lag"], settings.get("multiplier", 1.0)
-    kappa, eta = settings.get("ema_power", 0.5), settings.get("bias_power", 0.2)
-    theta0 = [x.double() for x in theta[tau]]
-    ema = [x.clone() for x in theta0]
-    for s in range(tau + 1, t + 1):
-        beta = (lag + gamma * s) ** -kappa
-        ema = [(1 - beta) * e + beta * x.double() for e, x in zip(ema, theta[s], strict=True)]
-    alpha = (lag + gamma * t) ** -eta
-    return [alpha * (x.double() - x0) + e for x, x0, e in zip(theta[t], theta0, ema, strict=True)]
+    """BEMA of the recorded θ at step t, in float64 (:func:`oracles.bema`)."""
+    return oracles.bema(theta, at=t, **settings)
 
 
 def written_steps(generations: list[int], sync_every: int, starts_at: int) -> dict[int, int | None]:

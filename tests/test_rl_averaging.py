@@ -4,27 +4,24 @@ evaluation (GRPO's generation and reward included)."""
 
 from __future__ import annotations
 
+import oracles
 import pytest
 import torch
 from peft import PeftModel
 from rl_helpers import base_model, generation_trainer, kto_trainer, lora_policy
 from safetensors.torch import load_file
-from trl_helpers import WeightRecorder, hand_bema, hand_ema
+from trl_helpers import WeightRecorder
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.demos.tiny import letters_reward, tiny_prompt_dataset
 
 BEMA_KW = dict(method="bema", update_every=1, update_after=1, lag=3.0, ema_power=0.6, bias_power=0.3)
-BEMA_HAND = dict(update_after=1, every=1, lag=3.0, ema_power=0.6, bias_power=0.3)
+BEMA_SETTINGS = {k: v for k, v in BEMA_KW.items() if k != "method"}
 #: accumulation 2, steps_per_generation 4, num_iterations 2: one generation batch per 4 optimizer steps
 SEVERAL_STEPS_PER_GENERATION = dict(
     gradient_accumulation_steps=2, steps_per_generation=4, num_iterations=2, max_steps=6, save_strategy="steps",
     save_steps=2,
 )  # fmt: skip
-
-
-def upto(weights: dict[int, dict[str, torch.Tensor]], step: int) -> dict[int, dict[str, torch.Tensor]]:
-    return {t: w for t, w in weights.items() if t <= step}
 
 
 def assert_matches(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -48,18 +45,18 @@ def test_grpo_averages_every_optimizer_step_checkpoints_resumes_and_exports(tmp_
     assert rewards == [1, 5]  # two generation batches for six optimizer steps
     weights = recorder.weights
     assert sorted(weights) == list(range(7)) and averaging.primary.averager.num_updates == 5  # steps 2..6
-    assert_matches(averaging.averaged_tensors(), hand_bema(weights, **BEMA_HAND))
+    assert_matches(averaging.averaged_tensors(), oracles.bema(weights, **BEMA_SETTINGS))
     # every checkpoint holds the averaged adapter of its step; the end export too, loadable with PEFT
     for step in (2, 4, 6):
         saved = load_file(str(tmp_path / "full" / f"checkpoint-{step}" / "averaged" / "adapter_model.safetensors"))
-        expected = hand_bema(upto(weights, step), **BEMA_HAND)
+        expected = oracles.bema(weights, at=step, **BEMA_SETTINGS)
         assert len(saved) == len(expected)
         for name, value in expected.items():
             key = name.replace(".default.", ".")
             torch.testing.assert_close(saved[key].double(), value, rtol=1e-5, atol=1e-6)
     exported = PeftModel.from_pretrained(base_model(), str(tmp_path / "full" / "averaged"))
     params = dict(exported.named_parameters())
-    for name, value in hand_bema(weights, **BEMA_HAND).items():
+    for name, value in oracles.bema(weights, **BEMA_SETTINGS).items():
         torch.testing.assert_close(params[name].double(), value, rtol=1e-5, atol=1e-6)
 
     # resume at the generation boundary 4 (outside output_dir): updates 5, 6 continue the same average
@@ -69,7 +66,7 @@ def test_grpo_averages_every_optimizer_step_checkpoints_resumes_and_exports(tmp_
     assert resumed_averaging.primary.averager.num_updates == 5
     for t in (5, 6):
         assert_matches(resumed_recorder.weights[t], {n: w.double() for n, w in weights[t].items()})
-    assert_matches(resumed_averaging.averaged_tensors(), hand_bema(weights, **BEMA_HAND))
+    assert_matches(resumed_averaging.averaged_tensors(), oracles.bema(weights, **BEMA_SETTINGS))
 
 
 class WeightsAtReward:
@@ -109,7 +106,7 @@ def test_grpo_averaged_evaluation_generates_with_the_averaged_weights(tmp_path):
     for index, step in enumerate((2, 4)):
         raw, averaged = in_eval[2 * index], in_eval[2 * index + 1]
         assert_matches(raw, {n: w.double() for n, w in recorder.weights[step].items()})
-        assert_matches(averaged, hand_ema(upto(recorder.weights, step), update_after=1, every=1, decay=0.5))
+        assert_matches(averaged, oracles.ema(recorder.weights, at=step, update_after=1, decay=0.5))
     assert_matches(WeightRecorder.snapshot(model), {n: w.double() for n, w in recorder.weights[4].items()})
 
 

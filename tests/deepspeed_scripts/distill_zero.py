@@ -15,20 +15,16 @@ import os
 from typing import Any
 
 import torch
-from ds_common import zero_config
+from ds_common import twin_args
 from peft import LoraConfig, get_peft_model
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
 
-GLOBAL_BATCH = 4
-LEARNING_RATE = 2e-2
-
 
 def run(output_dir: str, zero: int | None = None, persistence: str = "default", max_steps: int = 3) -> dict[str, Any]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = tiny_tokenizer()
     model = tiny_llama(tokenizer, seed=0)
     torch.manual_seed(1)  # identical LoRA initialisation on every rank and in the twin
@@ -37,24 +33,7 @@ def run(output_dir: str, zero: int | None = None, persistence: str = "default", 
         r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, lora)
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        train_sampling_strategy="sequential",
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        max_length=48,
-        seed=0,
-        disable_tqdm=True,
-        deepspeed=zero_config(zero, persistence) if zero is not None else None,
-    )
+    args = twin_args(output_dir, zero, persistence, max_steps=max_steps)
     distillation = SelfDistillationCallback(lambda_=1.0, temperature=2.0)
     trainer = SFTTrainer(
         model=model,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ds_common import gathered, zero_config
+from ds_common import GLOBAL_BATCH, cpu_training_args, gathered
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -33,7 +33,6 @@ REFERENCE: dict[str, Any] = {
 }  # fmt: skip
 LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0}
 MAX_STEPS = 4
-GLOBAL_BATCH = 4
 
 
 class Recorder(TrainerCallback):
@@ -73,23 +72,11 @@ def run(persistence: str, output_dir: str) -> dict[str, Any]:
     model = tiny_llama(tokenizer, seed=0)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(**LORA))
-    args = DPOConfig(
-        output_dir=output_dir,
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        learning_rate=1e-2,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        max_length=64,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-        deepspeed=zero_config(3, persistence),
-    )
+    args = cpu_training_args(
+        output_dir, DPOConfig, zero=3, persistence=persistence, max_steps=MAX_STEPS, learning_rate=1e-2,
+        per_device_train_batch_size=GLOBAL_BATCH // world_size, max_length=64, logging_steps=1,
+        gradient_checkpointing=False, seed=0,
+    )  # fmt: skip
     reference = AveragedReferenceCallback(**REFERENCE)
     recorder = Recorder()
     captured = []

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ds_common import gathered, zero_config
+from ds_common import GLOBAL_BATCH, gathered
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -41,7 +41,6 @@ AVERAGING: dict[str, Any] = {"update_every": 1, "update_after": 1, "lag": 3.0, "
 LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0}
 MAX_STEPS = 5
 WARMUP = 1
-GLOBAL_BATCH = 4
 
 
 class Recorder(TrainerCallback):
@@ -81,7 +80,7 @@ def run(persistence: str, output_dir: str) -> dict[str, Any]:
     model = get_peft_model(model, LoraConfig(**LORA))
     args = generation_args(
         GRPOConfig, output_dir, max_steps=MAX_STEPS, per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        steps_per_generation=2, fp16=False, deepspeed=zero_config(3, persistence),
+        steps_per_generation=2, zero=3, persistence=persistence,
     )  # fmt: skip
     reference = AveragedReferenceCallback(**REFERENCE)
     averaging = WeightAveragingCallback(method="bema", eval=False, export_at_end=False, **AVERAGING)

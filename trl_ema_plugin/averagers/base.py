@@ -28,6 +28,12 @@ class Averager(ABC):
     method: ClassVar[str]
     #: names of the fp32 state buffers, each one copy of the tracked weights
     buffer_names: ClassVar[tuple[str, ...]]
+    #: the keyword arguments users set (``AveragerSpec`` fields / YAML keys, or ``options`` for names that are not
+    #: fields); every subclass declares them, ``()`` for none. Other constructor arguments are not settings.
+    hyperparameters: ClassVar[tuple[str, ...]]
+    #: whether the output reads θ at the last update: then the constructor takes ``keep_last_weights``, and the
+    #: spec sets it when the live weights can differ from that θ (see ``AveragerSpec.build``)
+    output_reads_last_update: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.buffers: dict[str, Tensor] = {}

@@ -7,38 +7,34 @@ from torch import Tensor
 
 from .base import Averager, copy_all
 from .registry import register_averager
-from .schedules import ema_step_size
+from .schedules import BEMASchedule, field_names, schedule_for
 
 
 @register_averager("dema")
 class DEMA(Averager):
     r"""θ̂_t = 2·EMA_t − EMA²_t,  EMA_t = lerp(EMA_{t−1}, θ_t, β_t),  EMA²_t = lerp(EMA²_{t−1}, EMA_t, β_t)
 
-    β_t as in BEMA (:func:`.schedules.ema_step_size`). Both EMAs start at θ at
-    ``update_after``. Formula from the BEMA authors' ``src/core_offline.py``
-    (github abblock/bema, class ``DEMA``); names follow TRL's BEMA (their
-    ``ema_gamma`` is our ``multiplier``, ``scaling_lag`` our ``lag``).
+    β_t as in BEMA (:class:`.schedules.BEMASchedule`; α_t and so ``bias_power`` are not used). Both
+    EMAs start at θ at ``update_after``. Formula from the BEMA authors' ``src/core_offline.py``
+    (github abblock/bema, class ``DEMA``); names follow TRL's BEMA (their ``ema_gamma`` is our
+    ``multiplier``, ``scaling_lag`` our ``lag``).
 
     Memory: two fp32 copies.
     """
 
     buffer_names = ("ema", "ema_of_ema")
+    hyperparameters = tuple(n for n in field_names(BEMASchedule) if n != "bias_power")
 
-    def __init__(
-        self, ema_power: float = 0.5, lag: float = 10, multiplier: float = 1.0, min_ema_multiplier: float = 0.0
-    ) -> None:
+    def __init__(self, **schedule: float) -> None:
         super().__init__()
-        self.ema_power = ema_power
-        self.lag = lag
-        self.multiplier = multiplier
-        self.min_ema_multiplier = min_ema_multiplier
+        self.schedule: BEMASchedule = schedule_for(type(self), BEMASchedule, schedule)
 
     def _start(self, theta: list[Tensor], t: int) -> None:
         copy_all(self.views("ema"), theta)
         copy_all(self.views("ema_of_ema"), theta)
 
     def _update(self, theta: list[Tensor], t: int) -> None:
-        beta = ema_step_size(t, self.lag, self.multiplier, self.ema_power, self.min_ema_multiplier)
+        beta = self.schedule.beta(t)
         ema = self.views("ema")
         torch._foreach_lerp_(ema, theta, beta)
         torch._foreach_lerp_(self.views("ema_of_ema"), ema, beta)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .base import Averager, copy_all
 from .registry import register_averager
-from .schedules import warmup_decay
+from .schedules import EMADecay, field_names, schedule_for
 
 
 @register_averager("ema")
@@ -16,32 +16,24 @@ class EMA(Averager):
 
     d_n = ``decay`` by default. With ``use_ema_warmup`` the decay ramps up as in
     diffusers' ``EMAModel``: d_n = min(decay, 1 − (1 + n/inv_gamma)^(−power)),
-    n = number of updates so far. Implemented as ``lerp_(EMA, θ, 1 − d_n)``.
+    n = number of updates so far (:class:`.schedules.EMADecay`). Implemented as
+    ``lerp_(EMA, θ, 1 − d_n)``.
 
     Memory: one fp32 copy of the tracked weights.
     """
 
     buffer_names = ("ema",)
+    hyperparameters = field_names(EMADecay)
 
-    def __init__(
-        self, decay: float = 0.999, use_ema_warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3
-    ) -> None:
+    def __init__(self, **decay: float) -> None:
         super().__init__()
-        self.decay = decay
-        self.use_ema_warmup = use_ema_warmup
-        self.inv_gamma = inv_gamma
-        self.power = power
-
-    def current_decay(self, n: int) -> float:
-        if self.use_ema_warmup:
-            return warmup_decay(n, self.decay, self.inv_gamma, self.power)
-        return self.decay
+        self.schedule: EMADecay = schedule_for(type(self), EMADecay, decay)
 
     def _start(self, theta: list[Tensor], t: int) -> None:
         copy_all(self.views("ema"), theta)
 
     def _update(self, theta: list[Tensor], t: int) -> None:
-        weight = 1.0 - self.current_decay(self.num_updates)
+        weight = 1.0 - self.schedule.at(self.num_updates)
         torch._foreach_lerp_(self.views("ema"), theta, weight)
 
     def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:

@@ -97,6 +97,7 @@ class PowerFunctionEMA(Averager):
 
     method = "power_ema"
     buffer_names = ("ema",)
+    hyperparameters = ("sigma_rel",)
 
     def __init__(self, sigma_rel: float = 0.05) -> None:
         super().__init__()
