@@ -21,15 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from ds_common import GLOBAL_BATCH, gathered
-from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_ema_plugin import AveragedReferenceCallback, SelfDistillationCallback, WeightAveragingCallback, attach
-from trl_ema_plugin.demos.tiny import letters_reward, tiny_llama, tiny_prompt_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import letters_reward, tiny_prompt_dataset, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the reference probe
-from rl_helpers import ReferenceProbe, generation_args
+from rl_helpers import ReferenceProbe, generation_args, lora_policy
 
 #: BEMA with non-default settings: starts at step 1, moves at every step; written at each generation batch
 REFERENCE: dict[str, Any] = {
@@ -38,7 +37,6 @@ REFERENCE: dict[str, Any] = {
 }  # fmt: skip
 #: the averaged policy and teacher: another non-default BEMA
 AVERAGING: dict[str, Any] = {"update_every": 1, "update_after": 1, "lag": 3.0, "ema_power": 0.5, "bias_power": 0.25}
-LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0}
 MAX_STEPS = 5
 WARMUP = 1
 
@@ -74,10 +72,7 @@ class Recorder(TrainerCallback):
 
 def run(persistence: str, output_dir: str) -> dict[str, Any]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(tokenizer, seed=0)
-    torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(**LORA))
+    model, _ = lora_policy("llama", seed=0)
     args = generation_args(
         GRPOConfig, output_dir, max_steps=MAX_STEPS, per_device_train_batch_size=GLOBAL_BATCH // world_size,
         steps_per_generation=2, zero=3, persistence=persistence,
@@ -91,7 +86,7 @@ def run(persistence: str, output_dir: str) -> dict[str, Any]:
         reward_funcs=letters_reward,
         args=args,
         train_dataset=tiny_prompt_dataset(32, seed=0),
-        processing_class=tokenizer,
+        processing_class=tiny_tokenizer(),
         callbacks=[reference, averaging, distillation, recorder],
     )
     probe = ReferenceProbe(trainer, record_adapter=False)
