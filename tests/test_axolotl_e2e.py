@@ -200,7 +200,7 @@ def test_dpo_bema(workspace):
         assert reference.keys() == averaged.keys()
         for key in averaged:
             torch.testing.assert_close(reference[key], averaged[key], rtol=0, atol=1e-7)
-    state = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "dpo_reference" / "averager_state.json").read_text())
+    state = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "reference" / "averager_state.json").read_text())
     assert state["last_sync_step"] == cfg["max_steps"]
 
 

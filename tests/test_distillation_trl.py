@@ -9,7 +9,7 @@ import torch
 from ds_common import cpu_training_args
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-from trl_helpers import lora_config
+from trl_helpers import grads, logged, lora_config, params
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
@@ -59,14 +59,6 @@ def dpo_trainer(tmp_path, tokenizer, model, data, *, distill=None, **args):
     return trainer, averaging, distillation
 
 
-def logged(trainer, key: str) -> list[float]:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
-
-
-def params(model, adapter: str) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
-
-
 def first_batch(trainer) -> dict:
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
@@ -86,10 +78,6 @@ def hand_term(trainer, averaging, batch, positions, lam: float, tau: float) -> t
     log_p_s = torch.log_softmax(student_logits[:, :-1][positions] / tau, -1)
     kl = (p_t * (torch.log(p_t) - log_p_s)).sum(-1)
     return lam * tau**2 * kl.mean()
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # ----------------------------------------------------------------------------------- tests

@@ -60,3 +60,18 @@ class WeightRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.weights[state.global_step] = self.snapshot(model)
+
+
+def logged(trainer, key: str) -> list[float]:
+    """The values of ``key`` in the trainer's log history, in order."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def params(model, adapter: str) -> dict[str, torch.Tensor]:
+    """Copies of the parameters of PEFT adapter ``adapter``, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    """Copies of the gradients the model holds, by parameter name."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

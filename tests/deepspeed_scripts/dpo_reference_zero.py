@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ds_common import GLOBAL_BATCH, cpu_training_args, stable_gather
+from ds_common import GLOBAL_BATCH, cpu_training_args, gathered
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -35,12 +35,6 @@ REFERENCE: dict[str, Any] = {
 }  # fmt: skip
 LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0}
 MAX_STEPS = 4
-
-
-def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
-    """Full tensors through DeepSpeed's own gather (collective), retried until stable (see stable_gather)."""
-    full = stable_gather(params)
-    return [full[n] for n, _ in params]
 
 
 class Recorder(TrainerCallback):

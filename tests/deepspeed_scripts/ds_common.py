@@ -109,3 +109,10 @@ def stable_gather(
             on_retry()
         previous = current
     raise RuntimeError("DeepSpeed's GatheredParameters returned different values eight times in a row")
+
+
+def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
+    """Full tensors of ``params`` in order, through DeepSpeed's own gather or DTensor's (collective), see
+    :func:`stable_gather`."""
+    full = stable_gather(params)
+    return [full[n] for n, _ in params]

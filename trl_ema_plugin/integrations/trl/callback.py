@@ -24,6 +24,7 @@ from ...shadow import AveragedWeights, trainable_parameters
 from ..parallel import build_layout
 from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
 from .lifecycle import PluginCallback, never_updates
+from .trainer_kinds import evaluates_without_labels, trainer_kind
 
 
 class WeightAveragingCallback(PluginCallback):
@@ -98,15 +99,13 @@ class WeightAveragingCallback(PluginCallback):
         return [averager_folder(name, primary=index == 0) for index, name in enumerate(self.weights)]
 
     def _check_evaluation_path(self, args: TrainingArguments) -> None:
-        """Preference trainers have no labels for the loss-only pass: they need ``attach(trainer)``."""
-        from trl import DPOConfig
-
+        """Preference and RL trainers have no labels for the loss-only pass: they need ``attach(trainer)``."""
         strategy = getattr(args, "eval_strategy", "no")
         evaluates = getattr(strategy, "value", strategy) != "no"
-        if self.config.eval and evaluates and self.trainer is None and isinstance(args, DPOConfig):
+        if self.config.eval and evaluates and self.trainer is None and evaluates_without_labels(args):
             raise ValueError(
-                "evaluating averaged weights in a DPO run needs the trainer: call trl_ema_plugin.attach(trainer) "
-                "before trainer.train(), or pass eval=False to WeightAveragingCallback"
+                f"evaluating averaged weights in a {trainer_kind(args)} run needs the trainer: call "
+                "trl_ema_plugin.attach(trainer) before trainer.train(), or pass eval=False to WeightAveragingCallback"
             )
 
     def _warn_if_never_updated(self, max_steps: int) -> None:

@@ -6,7 +6,8 @@ instance (no copy of TRL's trainers). Per training micro-batch:
 1. the trainer's ``compute_loss`` runs unchanged; a hook records the student's backbone call;
 2. the teacher adapter is refreshed from the averager when the averager has moved;
 3. the backbone call is replayed with the teacher adapter (eval mode, no grad) on the rows
-   that hold completion tokens (SFT: ``labels != -100``; DPO: the chosen completions);
+   that hold completion tokens (SFT: ``labels != -100``; DPO: the chosen completions; GRPO, RLOO:
+   the sampled completion tokens, ``completion_mask``);
 4. ``D`` is computed on the completion positions only, from ``lm_head(h)`` of both.
 
 Cost per distilled step: one teacher forward without gradient (DPO: on the chosen half of the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,8 +35,16 @@ from ...shadow import AveragedWeights
 from ..fsdp import unshard_above
 from .callback import WeightAveragingCallback
 from .lifecycle import PluginCallback
-from .student_outputs import BackboneCall, BackboneRecorder, chosen_positions, label_positions, output_logits
+from .student_outputs import (
+    BackboneCall,
+    BackboneRecorder,
+    chosen_positions,
+    completion_positions,
+    label_positions,
+    output_logits,
+)
 from .teacher import TeacherAdapter
+from .trainer_kinds import GENERATION_TRAINERS, trainer_kind
 
 TASK_KEY = "loss/task"
 DISTILL_KEY = "loss/distill"
@@ -49,16 +59,18 @@ def loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
     return (accepts and num_items_in_batch is not None) or getattr(trainer, "compute_loss_func", None) is not None
 
 
-def _is_dpo(trainer: Any) -> bool:
-    try:
-        from trl import DPOTrainer
-    except ImportError:  # pragma: no cover - trl is a dependency
-        return False
-    return isinstance(trainer, DPOTrainer)
+def distilled_positions_for(trainer: Any) -> Callable[[dict[str, Any]], Tensor]:
+    """Which hidden positions of a training batch are distilled, by trainer kind (see :mod:`.student_outputs`)."""
+    kind = trainer_kind(trainer)
+    if kind == "DPO":
+        return chosen_positions
+    if kind in GENERATION_TRAINERS:
+        return completion_positions
+    return label_positions
 
 
 class SelfDistillationCallback(PluginCallback):
-    """Self-distillation from an averaged teacher, for TRL ``SFTTrainer`` and ``DPOTrainer``.
+    """Self-distillation from an averaged teacher, for TRL ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``, ``RLOOTrainer``.
 
     ``SFTTrainer(..., callbacks=[WeightAveragingCallback(method="bema", update_every=1),
     SelfDistillationCallback(lambda_=0.5, temperature=2.0)])`` then ``trl_ema_plugin.attach(trainer)``.
@@ -76,7 +88,7 @@ class SelfDistillationCallback(PluginCallback):
         self.teacher: TeacherAdapter | None = None
         self.recorder: BackboneRecorder | None = None
         self.teacher_forwards = 0
-        self._dpo = False
+        self._positions: Callable[[dict[str, Any]], Tensor] = label_positions
         self._own_metrics: dict[str, list[float]] = defaultdict(list)
 
     # ------------------------------------------------------------------ attach
@@ -93,11 +105,16 @@ class SelfDistillationCallback(PluginCallback):
         ]
         if others:
             raise ValueError("a trainer takes one SelfDistillationCallback")
+        if trainer_kind(trainer) == "KTO":
+            raise ValueError(
+                "self-distillation supports SFTTrainer, DPOTrainer, GRPOTrainer and RLOOTrainer, not KTOTrainer "
+                "(its batches mix desirable and undesirable completions)"
+            )
         self.averaging = self._find_averaging(trainer)
         model = unwrap_model(trainer.model)
         self.teacher = TeacherAdapter(model, self.config.adapter_name)
         self.recorder = BackboneRecorder(model)
-        self._dpo = _is_dpo(trainer)
+        self._positions = distilled_positions_for(trainer)
         original = trainer.compute_loss
 
         @functools.wraps(original)
@@ -162,7 +179,7 @@ class SelfDistillationCallback(PluginCallback):
         step = trainer.state.global_step
         averaged = self.teacher_weights()
         distill = self.config.lambda_ > 0 and self.config.distills_at(step) and averaged.averager.started
-        positions = (chosen_positions(inputs) if self._dpo else label_positions(inputs)).clone() if distill else None
+        positions = self._positions(inputs).clone() if distill else None
         assert self.recorder is not None
         with self.recorder.recording(enabled=distill):
             result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kw)

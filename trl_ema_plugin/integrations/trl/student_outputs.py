@@ -172,3 +172,18 @@ def chosen_positions(inputs: dict[str, Any]) -> Tensor:
     positions[:, :-1] = completion[:, 1:]
     positions[completion.size(0) // 2 :] = False
     return positions
+
+
+def completion_positions(inputs: dict[str, Any]) -> Tensor:
+    """GRPO/RLOO batches: ``prompt_ids`` [B, P] and the sampled ``completion_ids`` [B, C], fed as one sequence.
+
+    Hidden position ``P − 1 + j`` predicts completion token ``j``; it counts where ``completion_mask``
+    (times ``tool_mask``, when tools wrote some tokens) is set, as in the trainers' own loss.
+    """
+    mask = inputs["completion_mask"].bool()
+    if "tool_mask" in inputs:
+        mask = mask & inputs["tool_mask"].bool()
+    prompt_length = inputs["prompt_ids"].size(1)
+    positions = torch.zeros(mask.size(0), prompt_length + mask.size(1), dtype=torch.bool, device=mask.device)
+    positions[:, prompt_length - 1 : prompt_length - 1 + mask.size(1)] = mask
+    return positions
