@@ -79,7 +79,7 @@ class WeightAveragingCallback(PluginCallback):
         """Build the shadow stores for ``model`` (done by ``on_train_begin``)."""
         self.model = unwrap_model(model)
         named = trainable_parameters(self.model)
-        layout = build_layout(named, args)
+        layout = build_layout(named, args, model=self.model)
         device = torch.device("cpu") if self.config.offload else None
         # the trainer loads the best checkpoint before on_train_end: the export must not read those weights as θ_T
         moves = bool(getattr(args, "load_best_model_at_end", False))

@@ -32,6 +32,7 @@ from ...config.distillation import SelfDistillationConfig
 from ...distillation import per_token_distillation, teacher_targets
 from ...model_helpers import unwrap_model
 from ...shadow import AveragedWeights
+from ..fsdp import unshard_above
 from .callback import WeightAveragingCallback
 from .lifecycle import PluginCallback
 from .student_outputs import (
@@ -231,6 +232,7 @@ class SelfDistillationCallback(PluginCallback):
         if not bool(rows.any()):
             rows = torch.ones_like(rows)  # every rank runs the teacher forward (ZeRO-3 gathers are collective)
         lm = self.recorder.causal_lm
+        unshard_above(self.teacher.model, self.recorder.backbone)  # FSDP2: the replay runs no root hook
         config = self.config
         with self.teacher.active():
             teacher_hidden, rows = self.recorder.replay(call, rows)

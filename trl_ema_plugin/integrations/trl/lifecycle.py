@@ -8,7 +8,7 @@
 * **Train begin**, in this order: :meth:`~PluginCallback.check_run` (refuse or warn before anything is
   built), :meth:`~PluginCallback.setup` (the state for the model), :meth:`~PluginCallback.resume`,
   :meth:`~PluginCallback.start` (the first step, fresh or resumed).
-* **Resume** (:meth:`~PluginCallback.resume`): the checkpoint the trainer resumed from; outside DeepSpeed,
+* **Resume** (:meth:`~PluginCallback.resume`): the checkpoint the trainer resumed from; outside DeepSpeed and FSDP2,
   the adapters transformers loaded from our sub-folders are dropped and the policy adapter restored
   where it did not; then :meth:`~PluginCallback.load`. A checkpoint without our folder is a warning and
   the feature starts afresh (:meth:`~PluginCallback.read_checkpoint_state`).
@@ -37,7 +37,7 @@ from ...config import AveragerSpec
 from ...distributed import is_writer
 from ...model_files import ADAPTER_WEIGHTS
 from ...persistence import read_state
-from ..parallel import zero_stage
+from ..parallel import engine_restores_model
 from .checkpoint_adapters import drop_adapters, restore_policy_adapter
 from .resume import checkpoint_folder, find_resume_checkpoint
 
@@ -99,14 +99,14 @@ class PluginCallback(TrainerCallback):
     def resume(self, args: TrainingArguments, state: TrainerState) -> str | None:
         """Restore this callback's state from the checkpoint the trainer resumed from; return that folder.
 
-        Call from ``on_train_begin`` once :attr:`model` is set up. Outside DeepSpeed (which resumes from
-        its own files), transformers loads every checkpoint sub-folder holding an adapter as an extra
+        Call from ``on_train_begin`` once :attr:`model` is set up. Outside DeepSpeed and FSDP2 (which resume
+        from their own files), transformers loads every checkpoint sub-folder holding an adapter as an extra
         adapter, and 5.16 then skips the root adapter: both are undone first.
         """
         checkpoint = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
         if checkpoint is None:
             return None
-        if zero_stage(args) is None and self.model is not None:
+        if self.model is not None and not engine_restores_model(args, self.model):
             drop_adapters(self.model, self.checkpoint_folders())
             adapter = getattr(self.model, "active_adapter", "default")
             if restore_policy_adapter(self.model, checkpoint, adapter):

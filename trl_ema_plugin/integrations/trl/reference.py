@@ -16,8 +16,8 @@ adapter*. :class:`AveragedReferenceCallback` keeps its own running average of th
   reference.
 
 The frozen base weights are never written (unlike TRL's experimental BEMA-for-reference), and
-no second copy of the base model exists. Under DeepSpeed ZeRO the ``"ref"`` parameters are
-partitioned like the policy's, and each rank writes its own partition.
+no second copy of the base model exists. Under DeepSpeed ZeRO and FSDP2 the ``"ref"`` parameters are
+sharded like the policy's, and each rank writes its own shard.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ...config.dpo_reference import DPOReferenceConfig
 from ...model_helpers import is_peft_model, unwrap_model
 from ...persistence import write_state_folder
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
-from ..parallel import build_layout, zero_stage
+from ..parallel import build_layout, sharded_by
 from .lifecycle import PluginCallback, never_updates
 from .trainer_kinds import before_each_generation, generates_completions, trainer_kind
 from .twin_adapter import add_twin_adapter
@@ -118,8 +118,8 @@ class AveragedReferenceCallback(PluginCallback):
     def attach_to(self, trainer: Any) -> None:
         """Called by :func:`trl_ema_plugin.attach`: checks the trainer and adds ``"ref"`` if it is missing.
 
-        Adding it here, before ``trainer.train()`` builds the DeepSpeed engine, lets ZeRO-3
-        partition the reference adapter like the policy. On GRPO and RLOO it also hooks the
+        Adding it here, before ``trainer.train()`` builds the DeepSpeed engine or applies FSDP2, lets
+        ZeRO-3 and FSDP2 shard the reference adapter like the policy. On GRPO and RLOO it also hooks the
         generation batches, where the reference is written.
         """
         again = self.trainer is trainer
@@ -153,20 +153,20 @@ class AveragedReferenceCallback(PluginCallback):
         model = unwrap_model(model)
         require_peft_model(model)
         if REFERENCE_ADAPTER not in model.peft_config:
-            if zero_stage(args) == 3:
+            engine = sharded_by(args, model)
+            if engine is not None:
                 raise ValueError(
-                    "the model has no 'ref' adapter, and under ZeRO-3 it must exist before the DeepSpeed engine is "
-                    "built: pass a PeftModel to the trainer (TRL then adds 'ref'), or call trl_ema_plugin.attach(trainer) "
+                    f"the model has no 'ref' adapter, and under {engine} it must exist before the model is sharded: "
+                    "pass a PeftModel to the trainer (TRL then adds 'ref'), or call trl_ema_plugin.attach(trainer) "
                     "before trainer.train()"
                 )
             add_reference_adapter(model)  # before any optimizer step, so "default" still holds θ_0
         self.model = model
         named = trainable_parameters(model)
         names = [n for n, _ in named]
-        self.policy = build_layout(named, args)
-        self.reference = build_layout(
-            parameters_by_name(model, adapter_twin_names(names, POLICY_ADAPTER, REFERENCE_ADAPTER)), args
-        )
+        self.policy = build_layout(named, args, model=model)
+        twins = parameters_by_name(model, adapter_twin_names(names, POLICY_ADAPTER, REFERENCE_ADAPTER))
+        self.reference = build_layout(twins, args, model=model)
         if self.policy.local_sizes() != self.reference.local_sizes():
             raise ValueError("the 'ref' adapter is not shaped like the policy adapter 'default'")
         spec = self.config.averager_spec()
