@@ -177,7 +177,7 @@ class SelfDistillationCallback(PluginCallback):
             return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kw)
         step = trainer.state.global_step
         averaged = self.teacher_weights()
-        distill = self.config.lambda_ > 0 and self.config.distills_at(step) and averaged.averager.started
+        distill = self.config.lambda_ > 0 and self.config.distills_at(step) and averaged.started
         positions = self._positions(inputs).clone() if distill else None
         assert self.recorder is not None
         with self.recorder.recording(enabled=distill):
