@@ -30,6 +30,7 @@ Schedules (:func:`choose_schedule` picks one):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
@@ -204,6 +205,9 @@ class WorkerRunner(UpdateRunner):
         self._ready: torch.cuda.Event | None = None
         self._copied: torch.cuda.Event | None = None
         self._copy_pending = False
+        #: updates run by the worker thread, and the names of the threads that ran them (diagnostics)
+        self.updates_run = 0
+        self.worker_threads: set[str] = set()
 
     def submit(self, job: Job) -> None:
         self.wait()  # the previous update has released the host copy and the buffers
@@ -234,6 +238,8 @@ class WorkerRunner(UpdateRunner):
         if self._copied is not None and self.snapshot.on_cuda:
             self._copied.synchronize()  # the host copy is complete (releases the GIL while waiting)
         job(_nothing)
+        self.updates_run += 1
+        self.worker_threads.add(threading.current_thread().name)
 
     def before_weights_change(self) -> None:
         if self._copy_pending:
