@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_update import measure  # noqa: E402
+from bench_update import measure
 
 BOUND = {torch.bfloat16: 8.0, torch.float32: 6.0}
 
