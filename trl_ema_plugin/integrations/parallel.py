@@ -81,8 +81,8 @@ def pack_adapter_weights(layout: ShadowLayout, model: nn.Module, args: Any) -> b
     that every update reads θ as one tensor. Returns whether they are laid out so.
 
     Only in one process without DeepSpeed (whose ZeRO optimizer points ``p.data`` into its own flat buffers) and
-    only for PEFT adapters: ``PeftModel.save_pretrained`` clones tensors that share a storage, while transformers'
-    ``save_pretrained`` of a full model would take such parameters for tied weights.
+    only for PEFT adapters, many small tensors: ``PeftModel.save_pretrained`` clones tensors that share a storage,
+    while transformers' ``save_pretrained`` of a full model checks shared storages against its tied-weight keys.
     """
     if not isinstance(layout, LocalLayout) or zero_stage(args) is not None or not is_peft_model(model):
         return False
