@@ -128,6 +128,14 @@ def full_shapes(hidden: int, layers: int, inter: int, heads: int, kv: int, head_
     return [*shapes, (hidden,)]
 
 
+def flat_references(n: int, opts: argparse.Namespace) -> tuple[float, float]:
+    """µs of a memcpy and of one ``lerp_`` over flat fp32 buffers of ``n`` elements."""
+    src, dst = torch.randn(n, device=device(opts)), torch.randn(n, device=device(opts))
+    memcpy = time_us(lambda: dst.copy_(src), opts.iters, opts.warmup, on_cuda(opts))
+    lerp = time_us(lambda: dst.lerp_(src, 0.001), opts.iters, opts.warmup, on_cuda(opts))
+    return memcpy, lerp
+
+
 def update_case(
     shapes: list[tuple[int, ...]], dtype: torch.dtype, layout_kind: str, opts: argparse.Namespace
 ) -> dict[str, Any]:
@@ -137,10 +145,7 @@ def update_case(
 
     where, cuda = device(opts), on_cuda(opts)
     n = sum(int(torch.Size(s).numel()) for s in shapes)
-    src, dst = torch.randn(n, device=where), torch.randn(n, device=where)
-    memcpy = time_us(lambda: dst.copy_(src), opts.iters, opts.warmup, cuda)
-    lerp = time_us(lambda: dst.lerp_(src, 0.001), opts.iters, opts.warmup, cuda)
-    del src, dst
+    memcpy, lerp = flat_references(n, opts)
     free_memory(opts)
     params = [torch.nn.Parameter(torch.randn(s, device=where).mul_(0.02).to(dtype)) for s in shapes]
     layout = LocalLayout([(f"p{i}", p) for i, p in enumerate(params)])
@@ -154,9 +159,8 @@ def update_case(
     for method in ("ema", "bema"):
         weights = AveragedWeights(AveragerSpec(method=method, update_every=1), layout, where)
         weights.step(0)
-        step = [0]
 
-        def update(w: AveragedWeights = weights) -> None:
+        def update(w: AveragedWeights = weights, step: list[int] = [0]) -> None:  # noqa: B006
             step[0] += 1
             w.step(step[0])
 
@@ -319,6 +323,7 @@ def peak_bytes(opts: argparse.Namespace, fn: Callable[[], Any]) -> int | None:
 def train_variant(variant: str, opts: argparse.Namespace, shape: dict[str, int], dataset: Any) -> dict[str, Any]:
     from peft import LoraConfig
     from trl import SFTTrainer
+
     from trl_ema_plugin import attach
     from trl_ema_plugin.demos.tiny import tiny_tokenizer
 
@@ -419,6 +424,7 @@ def section_steps(opts: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ section: trl
 def section_trl(opts: argparse.Namespace) -> dict[str, Any]:
     from trl import BEMACallback, SFTTrainer
+
     from trl_ema_plugin import WeightAveragingCallback
     from trl_ema_plugin.demos.tiny import tiny_tokenizer
 
