@@ -4,7 +4,8 @@ After :func:`trl_ema_plugin.attach`, the trainer's own ``compute_loss`` is wrapp
 instance (no copy of TRL's trainers). Per training micro-batch:
 
 1. the trainer's ``compute_loss`` runs unchanged; hooks record the student's backbone call, and its
-   logits when the trainer's forward builds them (TRL 1.9; TRL 1.16's fused LM head does not);
+   logits when the trainer's forward builds them (TRL 1.9 with ``loss_type="nll"``, a ``compute_loss_func``;
+   TRL 1.16's fused LM head and TRL 1.9's default ``chunked_nll`` do not);
 2. the teacher adapter is refreshed from the averager when the averager has moved;
 3. the backbone call is replayed with the teacher adapter (eval mode, no grad) on the rows
    that hold completion tokens (SFT: ``labels != -100``; DPO: the chosen completions; GRPO, RLOO:

@@ -2,13 +2,14 @@
 positions are completions.
 
 TRL 1.16 computes the SFT/DPO losses through a fused LM head that never builds the logits (its output has
-per-token log-probabilities only), and TRL 1.9 builds them for every position (``outputs.logits``,
-``[batch, seq, V]``). Both call the decoder backbone (``LlamaModel`` for a ``LlamaForCausalLM``) once with
-gradients. A forward hook on the backbone records that call (its arguments and its last hidden state), and one
-on the model records the logits when its output has them, so distillation needs no second student forward: the
-student logits are the trainer's own (TRL 1.9), or ``lm_head(h)`` on the completion positions only (TRL 1.16),
-and the teacher forward replays the same backbone call (same arguments, hence the same masks, positions and
-packing).
+per-token log-probabilities only), and so does TRL 1.9's default ``loss_type="chunked_nll"``; with
+``loss_type="nll"`` (TRL 1.9) or a ``compute_loss_func`` (TRL 1.16) the forward builds them for every position
+(``outputs.logits``, ``[batch, seq, V]``). All call the decoder backbone (``LlamaModel`` for a
+``LlamaForCausalLM``) once with gradients. A forward hook on the backbone records that call (its arguments and
+its last hidden state), and one on the model records the logits when its output has them, so distillation needs
+no second student forward: the student logits are the trainer's own where they exist, else ``lm_head(h)`` on the
+completion positions only, and the teacher forward replays the same backbone call (same arguments, hence the
+same masks, positions and packing).
 """
 
 from __future__ import annotations
