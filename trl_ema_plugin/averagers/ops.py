@@ -8,6 +8,9 @@ results are bit for bit the same in both forms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -15,56 +18,27 @@ from torch import Tensor
 Tensors = Tensor | list[Tensor]
 
 
-def is_flat(x: Tensors) -> bool:
-    return isinstance(x, Tensor)
+def _in_place(name: str, formula: str) -> Callable[..., None]:
+    """``dst.<name>_(x)`` on a flat tensor, ``torch._foreach_<name>_(dst, x)`` on a list."""
+    foreach = getattr(torch, f"_foreach_{name}_")
+
+    def op(dst: Tensors, *args: Any) -> None:
+        if isinstance(dst, Tensor):
+            getattr(dst, f"{name}_")(*args)
+        else:
+            foreach(dst, *args)
+
+    op.__name__ = op.__qualname__ = f"{name}_"
+    op.__doc__ = formula
+    return op
 
 
-def copy_(dst: Tensors, src: Tensors) -> None:
-    """dst ← src."""
-    if isinstance(dst, Tensor):
-        dst.copy_(src)
-    else:
-        torch._foreach_copy_(dst, src)
-
-
-def lerp_(dst: Tensors, end: Tensors, weight: float) -> None:
-    """dst ← dst + weight · (end − dst) (``torch.lerp``)."""
-    if isinstance(dst, Tensor):
-        dst.lerp_(end, weight)
-    else:
-        torch._foreach_lerp_(dst, end, weight)
-
-
-def add_(dst: Tensors, other: Tensors) -> None:
-    """dst ← dst + other."""
-    if isinstance(dst, Tensor):
-        dst.add_(other)
-    else:
-        torch._foreach_add_(dst, other)
-
-
-def sub_(dst: Tensors, other: Tensors) -> None:
-    """dst ← dst − other."""
-    if isinstance(dst, Tensor):
-        dst.sub_(other)
-    else:
-        torch._foreach_sub_(dst, other)
-
-
-def mul_(dst: Tensors, scalar: float) -> None:
-    """dst ← dst · scalar."""
-    if isinstance(dst, Tensor):
-        dst.mul_(scalar)
-    else:
-        torch._foreach_mul_(dst, scalar)
-
-
-def div_(dst: Tensors, scalar: float) -> None:
-    """dst ← dst / scalar."""
-    if isinstance(dst, Tensor):
-        dst.div_(scalar)
-    else:
-        torch._foreach_div_(dst, scalar)
+copy_ = _in_place("copy", "dst ← src.")
+lerp_ = _in_place("lerp", "dst ← dst + weight · (end − dst) (``torch.lerp``).")
+add_ = _in_place("add", "dst ← dst + other.")
+sub_ = _in_place("sub", "dst ← dst − other.")
+mul_ = _in_place("mul", "dst ← dst · scalar.")
+div_ = _in_place("div", "dst ← dst / scalar.")
 
 
 def mul_into(out: Tensor, src: Tensor, scalar: float) -> None:
