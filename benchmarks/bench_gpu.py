@@ -466,7 +466,7 @@ def section_trl(opts: argparse.Namespace) -> dict[str, Any]:
 
     variants = list(builders)
     params = sum(p.numel() for p in llama(opts, opts.vocab, torch.float32, **shape).parameters()) / 1e6
-    log(f"full fine-tuning of a {params:.0f} M-parameter Llama {shape} (fp32 weights, bf16 autocast on CUDA)")
+    log(f"full fine-tuning of a {params:.2f} M-parameter Llama {shape} (fp32 weights, bf16 autocast on CUDA)")
     data = interleave(variants, run, opts)
     return {"model": shape, "params_m": params, "rows": summarize(variants, data)}
 
