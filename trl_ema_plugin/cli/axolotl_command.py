@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import yaml
 
-from .export import DTYPES, describe, list_averagers, run_export
+from .export import DTYPES, EXPORT_ERRORS, describe, list_averagers, run_export
 
 DEFAULT_OUTPUT_DIR = "./model-out"  # Axolotl's default output_dir
 
@@ -71,6 +71,6 @@ def ema_export(
         if merge and base_model is None:
             base_model = cfg.get("base_model")
         written = run_export(source, output, name=name, merge=merge, base_model=base_model, dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except EXPORT_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"ema-export: wrote {'merged model' if merge else 'averaged weights'} to {written}")

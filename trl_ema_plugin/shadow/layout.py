@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_max_flags
+
 
 class ShadowLayout(ABC):
     """This rank's share of a list of named parameters."""
@@ -57,6 +59,12 @@ class ShadowLayout(ABC):
     @abstractmethod
     def local_part(self, full: list[Tensor]) -> list[Tensor]:
         """This rank's 1-D parts of full tensors (used when loading a saved state, any world size)."""
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` OR-ed over the ranks that share these weights (collective when ``world_size > 1``)."""
+        if self.world_size == 1:
+            return flag
+        return all_reduce_max_flags([flag], self.device, getattr(self, "group", None))[0]
 
     def local_sizes(self) -> list[int]:
         return [t.numel() for t in self.local_tensors()]

@@ -6,6 +6,10 @@ device) or through one conversion into a persistent flat fp32 staging buffer
 (:func:`step_together`), and each op of the formula is one kernel over the flat buffers. The update runs
 inline, on a side CUDA stream or in a background worker (:mod:`~trl_ema_plugin.shadow.runner`); every
 method that reads the averages waits for it first.
+
+The store also guards the state: an update whose θ_t holds NaN or inf is skipped, counted and described
+(:attr:`AveragedWeights.skip_warning`), or raises :class:`NonFiniteWeightsError`, by ``on_nonfinite``. The
+check is one fused reduction over θ_t inside the update job (:func:`_finite_on_every_rank`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,25 @@ from torch import Tensor
 
 from ..averagers import Averager
 from ..config import AveragerSpec
+from ..persistence import StateFileError
 from .layout import ShadowLayout
 from .live import LiveWeights
 from .runner import UpdateRunner, build_runner
+
+#: what to do when θ_t holds NaN or inf at a start or update step
+ON_NONFINITE = ("skip", "error")
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """θ_t held NaN or inf at an update step, with ``on_nonfinite="error"``."""
+
+
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: whether every element of ``tensors`` is finite (one fused max-norm reduction)."""
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not tensors:
+        return torch.tensor(True)
+    return torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).isfinite().all()
 
 
 class AveragedWeights:
@@ -33,7 +53,9 @@ class AveragedWeights:
     each sized like this rank's part of the weights. ``live_weights_may_move``: the live weights
     may stop being θ of the last step (``load_best_model_at_end``), see :meth:`AveragerSpec.build`.
     ``runner``: where updates run (default: inline); averages of the same live weights share one
-    (:func:`step_together` then reads θ once for all of them).
+    (:func:`step_together` then reads θ once for all of them). ``on_nonfinite``: ``"skip"`` a start or
+    update whose θ_t holds NaN or inf (counted in the averager's counters, described in :attr:`skip_warning`),
+    or ``"error"`` (raise :class:`NonFiniteWeightsError`).
     """
 
     def __init__(
@@ -43,8 +65,12 @@ class AveragedWeights:
         device: torch.device | str | None = None,
         live_weights_may_move: bool = False,
         runner: UpdateRunner | None = None,
+        on_nonfinite: str = "skip",
     ) -> None:
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}; allowed values: {' | '.join(ON_NONFINITE)}")
         self.spec = spec
+        self.on_nonfinite = on_nonfinite
         self.layout = layout
         self.device = torch.device(device) if device is not None else layout.device
         self.averager: Averager = spec.build(live_weights_may_move)
@@ -55,6 +81,8 @@ class AveragedWeights:
         # the cadence as submitted (the averager's own counters follow when the update has run)
         self._started = False
         self._last_step: int | None = None
+        #: the warning of a skip that began a run of skipped updates, until the caller takes it
+        self.skip_warning: str | None = None
 
     @property
     def name(self) -> str:
@@ -73,6 +101,9 @@ class AveragedWeights:
 
     def due(self, t: int) -> str | None:
         """``"start"``, ``"update"`` or None: what ``step(t)`` does."""
+        if self._started and not self.averager.started:  # a submitted start: did it run, or was it skipped?
+            self.wait()  # (only a worker may still run it)
+            self._started = self.averager.started
         if not self._started:
             return "start" if t >= self.spec.update_after else None
         if self.spec.is_update_step(t) and t != self._last_step:
@@ -159,10 +190,36 @@ class AveragedWeights:
             "parameters": {n: list(s) for n, s in zip(self.layout.names, self.layout.shapes, strict=True)},
         }
 
+    def skip(self, t: int, kind: str) -> None:
+        """θ_t holds NaN or inf: leave the state as it is and count it, or raise (``on_nonfinite``)."""
+        averager = self.averager
+        if self.on_nonfinite == "error":
+            raise NonFiniteWeightsError(
+                f"averager {self.name!r}: the trained weights hold NaN or inf at step {t} (on_nonfinite='error'); "
+                "nothing of them entered the average. Lower the learning rate or clip gradients, resume from the "
+                "last checkpoint, or set on_nonfinite='skip' to skip such steps"
+            )
+        if averager.started:
+            kept = f"the average keeps its value of step {averager.last_update_step}"
+        else:
+            kept = "averaging starts at the next step whose weights are finite"
+        streak_begins = not averager.skipped_since_update()
+        averager.skip(t)
+        if streak_begins:
+            self.skip_warning = (
+                f"averager {self.name!r} skipped its {kind} at step {t}: the trained weights hold NaN or inf "
+                f"(on_nonfinite='skip'); {kept}, and every later step with non-finite weights is skipped too"
+                f"{averager.skip_note()}"
+            )
+
     @torch.no_grad()
     def load_state(self, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
-        """Restore buffers and counters saved by :meth:`state_tensors` (any world size)."""
+        """Restore buffers and counters saved by :meth:`state_tensors` (any world size).
+
+        A metadata block that lacks a part (``spec``, ``counters``, ``parameters``) is a :class:`StateFileError`.
+        """
         self.wait()
+        _check_blocks(metadata)
         saved_spec = AveragerSpec(**metadata["spec"])
         if saved_spec.method != self.spec.method:
             raise ValueError(
@@ -211,14 +268,35 @@ def step_together(weights: Sequence[AveragedWeights], t: int) -> bool:
     runner = due[0][0].runner
     if any(w.runner is not runner for w, _ in due):
         raise ValueError("step_together() needs averages that share one runner")
+    layout = due[0][0].layout
+    finite = _finite(layout.local_tensors(), layout) if layout.world_size > 1 else None
     for w, _ in due:
         w._started, w._last_step = True, t
-    runner.submit(lambda on_read: _apply(due, t, runner.reader, on_read))
+    runner.submit(lambda on_read: _apply(due, t, runner.reader, on_read, finite))
     return True
 
 
-def _apply(due: list[tuple[AveragedWeights, str]], t: int, reader: LiveWeights, on_read: Any) -> None:
-    """The update job: θ_t from ``reader`` into every due averager (flat math chunk by chunk, else per tensor)."""
+def _finite(tensors: Sequence[Tensor], layout: ShadowLayout) -> bool:
+    """Whether θ_t is finite on every rank: one fused reduction over ``tensors`` (this rank's θ_t, in its own
+    dtype) and one flag read, OR-ed over the ranks when the weights are sharded (a collective)."""
+    return not layout.any_rank(not bool(all_finite(tensors)))
+
+
+def _apply(
+    due: list[tuple[AveragedWeights, str]], t: int, reader: LiveWeights, on_read: Any, finite: bool | None = None
+) -> None:
+    """The update job: θ_t from ``reader`` into every due averager (flat math chunk by chunk, else per tensor).
+
+    When θ_t holds NaN or inf, each due averager skips step ``t`` instead (or raises). ``finite``: decided by the
+    caller (sharded weights: the ranks agree through a collective, which must not run in a worker thread); else
+    checked here, on what ``reader`` reads (the live weights, or a worker's host copy: no wait on the device)."""
+    if finite is None:
+        finite = _finite(reader.source.local_tensors(), due[0][0].layout)
+    if not finite:
+        on_read()
+        for w, kind in due:
+            w.skip(t, kind)
+        return
     flat = [(w.averager, kind) for w, kind in due if w.averager.flat_math]
     lists = [(w.averager, kind) for w, kind in due if not w.averager.flat_math]
     with ExitStack() as counters:
@@ -235,6 +313,18 @@ def _apply(due: list[tuple[AveragedWeights, str]], t: int, reader: LiveWeights, 
                         (averager._start if kind == "start" else averager._update)(part, t)
         else:
             on_read()
+
+
+_COUNTERS = ("num_updates", "started_at", "last_update_step")
+
+
+def _check_blocks(metadata: dict[str, Any]) -> None:
+    missing = [k for k in ("spec", "counters", "parameters") if not isinstance(metadata.get(k), dict)]
+    if missing:
+        raise StateFileError(f"the averager state lacks its {' and '.join(repr(k) for k in missing)} block")
+    lacking = [k for k in _COUNTERS if k not in metadata["counters"]]
+    if lacking:
+        raise StateFileError(f"the averager state's 'counters' block lacks {', '.join(repr(k) for k in lacking)}")
 
 
 def _settings(spec: AveragerSpec) -> dict[str, Any]:
