@@ -153,6 +153,26 @@ def test_weights_poisoned_for_good_leave_the_last_finite_average(tmp_path):
     assert counters["skipped_updates"] == 6 - K + 1
 
 
+@pytest.mark.parametrize("mode", ["skip", "error"])
+def test_offloaded_updates_check_in_the_worker(tmp_path, mode):
+    """offload=True: the update runs in a background thread on a host copy of θ_t; it checks that copy (no wait
+    on the training device), skips exactly as inline, and its error surfaces in the training loop."""
+    recorder = WeightRecorder()
+    averaging = WeightAveragingCallback(method="ema", decay=0.5, offload=True, eval=False, on_nonfinite=mode)
+    trainer = sft_trainer(str(tmp_path), [recorder, NaNAfterStep(K), averaging])
+    if mode == "error":
+        with pytest.raises(
+            NonFiniteWeightsError, match=rf"averager 'ema': the trained weights hold NaN or inf at step {K}"
+        ):
+            trainer.train()
+        return
+    with pytest.warns(UserWarning, match=rf"averager 'ema' skipped its update at step {K}"):
+        trainer.train()
+    assert averaging.runner.schedule == "worker" and averaging.runner.updates_run == 7
+    assert averaging.weights["ema"].averager.skipped_updates == 1
+    assert_equal(averaging.averaged_tensors("ema"), without_step(recorder.weights, K, 0.5))
+
+
 def test_bema_without_a_copy_of_theta_outputs_its_ema_until_the_next_finite_update():
     """BEMA with update_every=1 keeps no θ of its last update: while θ is not finite its output is its EMA alone,
     never NaN; the next finite update brings back the bias-corrected output."""
@@ -167,7 +187,8 @@ def test_bema_without_a_copy_of_theta_outputs_its_ema_until_the_next_finite_upda
     weights.step(1)
     with torch.no_grad():
         linear.weight[0, 0] = float("inf")
-    assert weights.step(2) is False and weights.averager.skipped_updates == 1
+    weights.step(2)
+    assert (weights.averager.skipped_updates, weights.averager.last_update_step) == (1, 1)
     ema = torch.cat([v.reshape(-1) for v in weights.averager.views("ema")])
     assert torch.equal(torch.cat([x.reshape(-1) for x in weights.average_local(2)]), ema)
     with torch.no_grad():
