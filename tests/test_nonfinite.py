@@ -28,7 +28,8 @@ from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokeniz
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
 from trl_ema_plugin.integrations.trl.reference import REFERENCE_FOLDER, AveragedReferenceCallback
 from trl_ema_plugin.persistence import STATE_JSON
-from trl_ema_plugin.shadow import AveragedWeights, LocalLayout
+from trl_ema_plugin.shadow import AveragedWeights, LocalLayout, finite
+from trl_ema_plugin.shadow.finite import FiniteCheck
 from trl_ema_plugin.shadow.store import NonFiniteWeightsError
 
 F32 = {"dtype": torch.float32}
@@ -199,6 +200,33 @@ def test_bema_without_a_copy_of_theta_outputs_its_ema_until_the_next_finite_upda
     theta0 = torch.cat(weights.averager.views("theta0"))
     ema = torch.cat(weights.averager.views("ema"))
     torch.testing.assert_close(torch.cat(weights.average_local(3)), ema + alpha * (theta - theta0), rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------- the check
+def test_the_check_sums_groups_of_small_tensors_and_large_ones_alone(monkeypatch):
+    """A list of tensors: one sum per group of consecutive small tensors of one dtype (copied into a buffer made
+    once), one per tensor above the group size; NaN, inf or −inf anywhere makes it fail, large finite values do not."""
+    monkeypatch.setattr(finite, "GROUP_ELEMENTS", 10)
+    f32, bf16 = torch.float32, torch.bfloat16
+    tensors = [
+        torch.full((n,), 1e30, dtype=d) for n, d in [(3, f32), (4, f32), (12, f32), (2, f32), (2, bf16), (5, bf16)]
+    ]
+    check = FiniteCheck()
+    assert check(tensors)
+    assert check._groups == [(0, 2, 7), (2, 3, 12), (3, 4, 2), (4, 6, 7)]
+    made = {kind: (b.data_ptr(), b.numel()) for kind, b in check.buffers.items()}
+    assert {kind: n for kind, (_, n) in made.items()} == {(f32, torch.device("cpu")): 7, (bf16, torch.device("cpu")): 7}
+    for index in range(len(tensors)):
+        for value in ("nan", "inf", "-inf"):
+            poisoned = [t.clone() for t in tensors]
+            poisoned[index][-1] = float(value)
+            assert not check(poisoned), (index, value)
+            assert not check(torch.cat([x.float() for x in poisoned])), (index, value)  # flat: one sum
+    assert check(tensors)
+    assert {kind: (b.data_ptr(), b.numel()) for kind, b in check.buffers.items()} == made
+    assert check.flat_copy(tensors) is None  # several groups: checked per group, averaged per tensor
+    assert torch.equal(check.flat_copy(tensors[:2]), torch.cat(tensors[:2]))
+    assert check([]) and check([torch.empty(0)]) and check(torch.empty(0))
 
 
 # --------------------------------------------------------------------------------------- error

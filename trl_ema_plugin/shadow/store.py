@@ -9,12 +9,14 @@ method that reads the averages waits for it first.
 
 The store also guards the state: an update whose θ_t holds NaN or inf is skipped, counted and described
 (:attr:`AveragedWeights.skip_warning`), or raises :class:`NonFiniteWeightsError`, by ``on_nonfinite``. The
-check is one fused reduction over θ_t inside the update job (:func:`_finite_on_every_rank`).
+check is one reduction over θ_t inside the update job (:func:`_check_theta`,
+:class:`~trl_ema_plugin.shadow.finite.FiniteCheck`), before any averager changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -24,6 +26,7 @@ from torch import Tensor
 from ..averagers import Averager
 from ..config import AveragerSpec
 from ..persistence import StateFileError
+from .finite import FiniteCheck
 from .layout import ShadowLayout
 from .live import LiveWeights
 from .runner import UpdateRunner, build_runner
@@ -34,14 +37,6 @@ ON_NONFINITE = ("skip", "error")
 
 class NonFiniteWeightsError(FloatingPointError):
     """θ_t held NaN or inf at an update step, with ``on_nonfinite="error"``."""
-
-
-def all_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """A 0-dim bool tensor: whether every element of ``tensors`` is finite (one fused max-norm reduction)."""
-    tensors = [t for t in tensors if t.numel() > 0]
-    if not tensors:
-        return torch.tensor(True)
-    return torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).isfinite().all()
 
 
 class AveragedWeights:
@@ -269,36 +264,46 @@ def step_together(weights: Sequence[AveragedWeights], t: int) -> bool:
     if any(w.runner is not runner for w, _ in due):
         raise ValueError("step_together() needs averages that share one runner")
     layout = due[0][0].layout
-    finite = _finite(layout.local_tensors(), layout) if layout.world_size > 1 else None
+    finite = None
+    if layout.world_size > 1:  # the ranks agree through a collective, which must not run in a worker thread
+        finite = not layout.any_rank(not runner.finite(layout.local_tensors()))
     for w, _ in due:
         w._started, w._last_step = True, t
-    runner.submit(lambda on_read: _apply(due, t, runner.reader, on_read, finite))
+    runner.submit(lambda on_read: _apply(due, t, runner, on_read, finite))
     return True
 
 
-def _finite(tensors: Sequence[Tensor], layout: ShadowLayout) -> bool:
-    """Whether θ_t is finite on every rank: one fused reduction over ``tensors`` (this rank's θ_t, in its own
-    dtype) and one flag read, OR-ed over the ranks when the weights are sharded (a collective)."""
-    return not layout.any_rank(not bool(all_finite(tensors)))
+#: one part of θ_t as :meth:`LiveWeights.parts` yields it: ``(lo, hi, θ[lo:hi])``
+Part = tuple[int, int, Any]
 
 
 def _apply(
-    due: list[tuple[AveragedWeights, str]], t: int, reader: LiveWeights, on_read: Any, finite: bool | None = None
+    due: list[tuple[AveragedWeights, str]],
+    t: int,
+    runner: UpdateRunner,
+    on_read: Callable[[], None],
+    finite: bool | None = None,
 ) -> None:
-    """The update job: θ_t from ``reader`` into every due averager (flat math chunk by chunk, else per tensor).
+    """The update job: θ_t from ``runner.reader`` into every due averager (flat math chunk by chunk, else per tensor).
 
-    When θ_t holds NaN or inf, each due averager skips step ``t`` instead (or raises). ``finite``: decided by the
-    caller (sharded weights: the ranks agree through a collective, which must not run in a worker thread); else
-    checked here, on what ``reader`` reads (the live weights, or a worker's host copy: no wait on the device)."""
+    When θ_t holds NaN or inf, each due averager skips step ``t`` instead (or raises), before any of them
+    changes. ``finite``: decided by the caller (sharded weights), else checked here (:func:`_check_theta`).
+    """
+    reader = runner.reader
+    flat = [(w.averager, kind) for w, kind in due if w.averager.flat_math]
+    lists = [(w.averager, kind) for w, kind in due if not w.averager.flat_math]
+    parts = reader.parts(on_read) if flat else iter(())
+    first = next(parts, None)  # θ_t read (and converted) once, for the check and the math
     if finite is None:
-        finite = _finite(reader.source.local_tensors(), due[0][0].layout)
+        first, finite = _check_theta(runner.finite, reader, first)
     if not finite:
-        on_read()
+        for _ in parts:  # the read ends (and calls on_read)
+            pass
+        if not flat:
+            on_read()
         for w, kind in due:
             w.skip(t, kind)
         return
-    flat = [(w.averager, kind) for w, kind in due if w.averager.flat_math]
-    lists = [(w.averager, kind) for w, kind in due if not w.averager.flat_math]
     with ExitStack() as counters:
         for averager, kind in [*lists, *flat]:
             counters.enter_context(averager.starting(t) if kind == "start" else averager.updating(t))
@@ -307,12 +312,30 @@ def _apply(
             for averager, kind in lists:
                 (averager._start if kind == "start" else averager._update)(theta, t)
         if flat:
-            for lo, hi, part in reader.parts(on_read):
+            for lo, hi, part in itertools.chain([first] if first is not None else [], parts):
                 for averager, kind in flat:
                     with averager.window(lo, hi):
                         (averager._start if kind == "start" else averager._update)(part, t)
         else:
             on_read()
+
+
+def _check_theta(check: FiniteCheck, reader: LiveWeights, first: Part | None) -> tuple[Part | None, bool]:
+    """Whether θ_t is finite, on what the update job reads (the live weights, the staging buffer, or a worker's
+    host copy: no wait on the training device), and the first part of θ_t for the math.
+
+    ``first`` (the reader's first part) is the whole of θ_t: the check reads it; a list of small tensors is
+    checked, and then averaged, as one flat copy (:meth:`FiniteCheck.flat_copy`). θ_t in several chunks (or read
+    per tensor): the check is a pass of its own over the reader's source, before the math.
+    """
+    if first is not None and first[0] == 0 and first[1] == reader.total:
+        theta = first[2]
+        copy = check.flat_copy(theta) if isinstance(theta, list) else None
+        if copy is not None:
+            return (0, reader.total, copy), check(copy)
+        return first, check(theta)
+    source = getattr(reader.source, "flat", None)  # the live weights as one tensor, when they are laid out so
+    return first, check(source if source is not None else reader.source.local_tensors())
 
 
 _COUNTERS = ("num_updates", "started_at", "last_update_step")
