@@ -1,8 +1,8 @@
 """A training process killed (SIGKILL) while a checkpoint is being saved resumes exactly.
 
 Each case runs tests/crash_child.py, a real TRL training process that kills itself at one point of the save of
-``checkpoint-4`` (or of the export at the end), then trains again in a fresh process with
-``trainer.train(resume_from_checkpoint=True)``. The averages it ends with are compared, bit for bit, with those
+``checkpoint-4`` (or of the export at the end), or that this process kills from outside (``kill -9``) between any
+two writes of that save, then trains again in a fresh process with ``trainer.train(resume_from_checkpoint=True)``. The averages it ends with are compared, bit for bit, with those
 of an uninterrupted run of the same trajectory. After every kill, no checkpoint holds a temporary folder or a
 state of ours that does not verify; after the resume, the stale temporary folders are gone.
 """
@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,43 @@ SFT_FOLDERS = ("averaged", "averaged-bema")
 DPO_FOLDER = "reference"
 
 
+#: the writes of the save of checkpoint-4, in order (tests/crash_child.py PHASES): two folders of ours staged, the
+#: trainer's checkpoint, ours renamed into it, the clean-up
+SAVE_PHASES = (
+    *("averaged-weights", "state-tensors", "state-json", "rename-staged") * 2,
+    *("trainer-model", "trainer-optimizer", "trainer-rng", "trainer-state"),
+    *("rename-into-checkpoint", "rename-into-checkpoint", "clean-up"),
+)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
 def run_child(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(
-        [sys.executable, str(CHILD), str(out), *args], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, str(CHILD), str(out), *args], capture_output=True, text=True, env=ENV, timeout=900
     )
+
+
+def killed_from_outside(out: Path, phase: int) -> str:
+    """Train in a child process and SIGKILL it from here while it pauses before write number ``phase`` (0-based)
+    of the save of checkpoint-4; the name of that write."""
+    log = out.parent / "phases.log"
+    with (out.parent / "child.stderr").open("w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(CHILD), str(out), "--phases", str(log), "--pause", "0.5"],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=ENV,
+        )  # fmt: skip
+        deadline = time.monotonic() + 900
+        while child.poll() is None and time.monotonic() < deadline:
+            written = log.read_text().splitlines() if log.exists() else []
+            if len(written) > phase:
+                os.kill(child.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        else:
+            child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, (out.parent / "child.stderr").read_text()[-3000:]
+    return written[phase]
 
 
 def killed(out: Path, *args: str) -> None:
@@ -171,6 +204,30 @@ def test_killed_during_the_final_export(tmp_path, uninterrupted):
     for folder in SFT_FOLDERS:
         assert_same_state(uninterrupted / "checkpoint-6" / folder, out / "checkpoint-6" / folder)
         assert_same_state(expected / folder, out / folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", range(len(SAVE_PHASES)), ids=[f"{i}-{p}" for i, p in enumerate(SAVE_PHASES)])
+def test_killed_from_outside_between_any_two_writes_of_a_save(tmp_path, uninterrupted, phase):
+    """kill -9 from another process before each write of the save of checkpoint-4: resume_from_checkpoint=True
+    resumes exactly; where the trainer's own checkpoint-4 is half-written (transformers then fails on it with its
+    own error), attach() stops the resume naming checkpoint-2, and resuming from it is exact."""
+    out = tmp_path / "run"
+    assert killed_from_outside(out, phase) == SAVE_PHASES[phase]
+    assert_nothing_half_written(out)
+    result = run_child(out, "--resume", "true")
+    if result.returncode != 0:
+        assert SAVE_PHASES[phase] in ("trainer-optimizer", "trainer-rng", "trainer-state"), result.stderr[-3000:]
+        assert not (out / "checkpoint-4" / "trainer_state.json").exists()
+        refused = run_child(out, "--resume", "true", "--attach")
+        assert refused.returncode != 0
+        assert f"{out / 'checkpoint-4'} is incomplete" in refused.stderr
+        assert f"resume from {out / 'checkpoint-2'}" in refused.stderr
+        result = run_child(out, "--resume", str(out / "checkpoint-2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (out / SCRATCH_FOLDER).exists(), "the saves after the resume remove what the killed one left"
+    assert_nothing_half_written(out)
+    assert_sft_exact(uninterrupted, out)
 
 
 # ------------------------------------------------------------------------------------------- DPO

@@ -194,3 +194,18 @@ def test_temporary_folders_of_earlier_versions_inside_checkpoints(copy):
     trainer, _ = trainer_for(copy)
     trainer.train(resume_from_checkpoint=str(copy / "checkpoint-4"))
     assert not list(copy.glob("checkpoint-*/.averaged.*"))
+
+
+def test_a_trainer_state_cut_short_names_the_checkpoint_to_resume_from(copy):
+    """The trainer's own trainer_state.json, cut short (killed while transformers wrote it): with attach() the
+    resume stops before transformers reads it, naming the newest complete checkpoint."""
+    state = copy / "checkpoint-6" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])
+    trainer, _ = trainer_for(copy)
+    attach(trainer)
+    with pytest.raises(ValueError) as raised:
+        trainer.train(resume_from_checkpoint=True)
+    assert str(raised.value).startswith(
+        f"{copy / 'checkpoint-6'} is incomplete: its trainer_state.json is not valid JSON (cut short?) (the run "
+        f"stopped while the trainer was saving it); resume from {copy / 'checkpoint-4'} "
+    )

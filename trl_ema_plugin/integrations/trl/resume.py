@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,18 @@ def resume_advice(checkpoint: str | os.PathLike[str], folder: str, missing: bool
     )
 
 
+def trainer_state_problem(checkpoint: Path) -> str | None:
+    """What is wrong with the trainer's ``trainer_state.json`` in ``checkpoint`` (missing, or cut short), or None."""
+    path = checkpoint / TRAINER_STATE_NAME
+    if not path.is_file():
+        return f"it has no {TRAINER_STATE_NAME}"
+    try:
+        json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"its {TRAINER_STATE_NAME} is not valid JSON (cut short?)"
+    return None
+
+
 def check_resume_checkpoint(requested: str | bool | None, args: Any, folders: list[str]) -> None:
     """Before the trainer loads the checkpoint ``trainer.train(resume_from_checkpoint=requested)`` names (seen only
     through :func:`trl_ema_plugin.attach`): refuse one the trainer did not finish writing, a temporary folder
@@ -91,8 +104,9 @@ def check_resume_checkpoint(requested: str | bool | None, args: Any, folders: li
     if path is None or not os.path.isdir(path):
         return
     checkpoint = Path(path)
-    if not (checkpoint / TRAINER_STATE_NAME).is_file():
-        complete = [c for c in older_checkpoints(checkpoint) if (c / TRAINER_STATE_NAME).is_file()]
+    problem = trainer_state_problem(checkpoint)
+    if problem is not None:
+        complete = [c for c in older_checkpoints(checkpoint) if trainer_state_problem(c) is None]
         instead = (
             f"resume from {complete[0]} (trainer.train(resume_from_checkpoint={str(complete[0])!r})), the newest "
             "complete one, or delete"
@@ -100,8 +114,8 @@ def check_resume_checkpoint(requested: str | bool | None, args: Any, folders: li
             else "delete"
         )
         raise ValueError(
-            f"{checkpoint} is incomplete: it has no {TRAINER_STATE_NAME} (the run stopped while the trainer was "
-            f"saving it); {instead} {checkpoint}"
+            f"{checkpoint} is incomplete: {problem} (the run stopped while the trainer was saving it); "
+            f"{instead} {checkpoint}"
         )
     for folder in folders:
         leftovers = sorted(p.name for p in checkpoint.glob(f".{folder}.*-*"))
