@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from ..distributed import all_reduce_max_flags
+from ..distributed import all_reduce_max_ints
 
 
 class ShadowLayout(ABC):
@@ -60,11 +60,12 @@ class ShadowLayout(ABC):
     def local_part(self, full: list[Tensor]) -> list[Tensor]:
         """This rank's 1-D parts of full tensors (used when loading a saved state, any world size)."""
 
-    def any_rank(self, flag: bool) -> bool:
-        """``flag`` OR-ed over the ranks that share these weights (collective when ``world_size > 1``)."""
+    def max_over_ranks(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of ``values`` over the ranks that share these weights (collective when
+        ``world_size > 1``)."""
         if self.world_size == 1:
-            return flag
-        return all_reduce_max_flags([flag], self.device, getattr(self, "group", None))[0]
+            return list(values)
+        return all_reduce_max_ints(values, self.device, getattr(self, "group", None))
 
     def local_sizes(self) -> list[int]:
         return [t.numel() for t in self.local_tensors()]

@@ -78,6 +78,8 @@ class AveragedWeights:
         self._last_step: int | None = None
         #: the warning of a skip that began a run of skipped updates, until the caller takes it
         self.skip_warning: str | None = None
+        #: sharded: the fewest and the most updates any rank had skipped at the last save (:meth:`state_tensors`)
+        self.rank_skips: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -165,8 +167,11 @@ class AveragedWeights:
 
     @torch.no_grad()
     def state_tensors(self) -> dict[str, Tensor]:
-        """Full buffers, keyed ``"<buffer>/<parameter name>"`` (collective)."""
+        """Full buffers, keyed ``"<buffer>/<parameter name>"`` (collective; sharded, it also updates
+        :attr:`rank_skips`)."""
         self.wait()
+        if self.layout.world_size > 1:
+            self.rank_skips = self.skips_over_ranks()
         tensors: dict[str, Tensor] = {}
         for buffer in self.averager.buffers:
             full = self.layout.gather(self.averager.views(buffer))
@@ -206,6 +211,13 @@ class AveragedWeights:
                 f"(on_nonfinite='skip'); {kept}, and every later step with non-finite weights is skipped too"
                 f"{averager.skip_note()}"
             )
+
+    def skips_over_ranks(self) -> tuple[int, int]:
+        """The fewest and the most updates any rank skipped (collective when the weights are sharded: each rank
+        skips the steps its own shard holds NaN or inf at, so the counts differ where only some shards did)."""
+        skipped = self.averager.skipped_updates
+        most, negative_least = self.layout.max_over_ranks([skipped, -skipped])
+        return -negative_least, most
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
@@ -263,13 +275,9 @@ def step_together(weights: Sequence[AveragedWeights], t: int) -> bool:
     runner = due[0][0].runner
     if any(w.runner is not runner for w, _ in due):
         raise ValueError("step_together() needs averages that share one runner")
-    layout = due[0][0].layout
-    finite = None
-    if layout.world_size > 1:  # the ranks agree through a collective, which must not run in a worker thread
-        finite = not layout.any_rank(not runner.finite(layout.local_tensors()))
     for w, _ in due:
         w._started, w._last_step = True, t
-    runner.submit(lambda on_read: _apply(due, t, runner, on_read, finite))
+    runner.submit(lambda on_read: _apply(due, t, runner, on_read))
     return True
 
 
@@ -282,20 +290,19 @@ def _apply(
     t: int,
     runner: UpdateRunner,
     on_read: Callable[[], None],
-    finite: bool | None = None,
 ) -> None:
     """The update job: θ_t from ``runner.reader`` into every due averager (flat math chunk by chunk, else per tensor).
 
-    When θ_t holds NaN or inf, each due averager skips step ``t`` instead (or raises), before any of them
-    changes. ``finite``: decided by the caller (sharded weights), else checked here (:func:`_check_theta`).
+    When θ_t holds NaN or inf (:func:`_check_theta`), each due averager skips step ``t`` instead (or raises),
+    before any of them changes. Sharded weights: each rank checks, and skips, on its own shard (no collective per
+    step; the ranks compare their counts when saving, :attr:`AveragedWeights.rank_skips`).
     """
     reader = runner.reader
     flat = [(w.averager, kind) for w, kind in due if w.averager.flat_math]
     lists = [(w.averager, kind) for w, kind in due if not w.averager.flat_math]
     parts = reader.parts(on_read) if flat else iter(())
     first = next(parts, None)  # θ_t read (and converted) once, for the check and the math
-    if finite is None:
-        first, finite = _check_theta(runner.finite, reader, first)
+    first, finite = _check_theta(runner.finite, reader, first)
     if not finite:
         for _ in parts:  # the read ends (and calls on_read)
             pass

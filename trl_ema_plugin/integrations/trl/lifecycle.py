@@ -83,6 +83,7 @@ class PluginCallback(TrainerCallback):
         self._staged_step: int | None = None  # the step whose state is staged, waiting for on_save
         self._state_sources: dict[str, Path] = {}  # folder → where resume read it
         self._own_metrics: dict[str, list[float]] = defaultdict(list)
+        self._uneven_skips: set[str] = set()  # averagers whose ranks skipped different updates (warned once)
 
     @classmethod
     def build_config(cls, **fields: Any) -> Any:
@@ -324,14 +325,29 @@ class PluginCallback(TrainerCallback):
         logging.getLogger(type(self).__module__).warning(message)
 
     def report_skips(self, averaged: list[AveragedWeights], prefix: str, control: TrainerControl) -> None:
-        """Warn when an averager began skipping non-finite weights; log each one's count at logging steps."""
+        """Warn when an averager began skipping non-finite weights; log each one's count at logging steps.
+
+        Sharded weights: each rank skips on its own shard, and the ranks compare their counts only when saving
+        (no collective per step): the count logged is the most of this rank's and the ranks' at the last save,
+        and ranks that skipped different updates are warned about once.
+        """
         for weights in averaged:
             key = f"{prefix}/{weights.name}/skipped_updates"
             if weights.skip_warning is not None:
                 self.warn(f"{weights.skip_warning}. The logs count them as {key}")
                 weights.skip_warning = None
-            if control.should_log and weights.averager.skipped_updates:
-                self.record_metric(key, float(weights.averager.skipped_updates))
+            least, most = weights.rank_skips or (0, 0)
+            skipped = max(weights.averager.skipped_updates, most)
+            if control.should_log and skipped:
+                self.record_metric(key, float(skipped))
+            if least != most and weights.name not in self._uneven_skips:
+                self._uneven_skips.add(weights.name)
+                self.warn(
+                    f"averager {weights.name!r}: at the last save the ranks had skipped {least} to {most} updates, "
+                    "for NaN or inf in their own shards of the weights only (each rank checks its own shard, with "
+                    "no collective per step); its rows average different steps, and checkpoints record rank 0's "
+                    "counters"
+                )
 
     # ------------------------------------------------------------------- metrics
     def record_metric(self, key: str, value: float) -> None:
