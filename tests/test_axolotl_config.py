@@ -424,7 +424,7 @@ DPO_REFERENCE_BAD = {
     "unknown rule": (
         {"dpo_reference": "bemx"},
         "dpo_reference='bemx': not a reference update rule, true or false; did you mean 'bema'? "
-        "(allowed: bema | dema | ema | ouema | tr_dpo",
+        "(allowed: bema | dema | ema | ouema | power_ema | tr_dpo",
     ),
     "key of another method": (
         {"dpo_reference": "bema", "dpo_reference_decay": 0.5},
