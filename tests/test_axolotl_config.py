@@ -26,6 +26,7 @@ from trl_ema_plugin.config.flat_keys import (
     flat_args_model,
     flat_from_config,
     flat_from_weight_averaging_config,
+    posthoc_ema_config_from_flat,
     self_distillation_config_from_flat,
     weight_averaging_config_from_flat,
 )
@@ -41,13 +42,14 @@ GPU_EXAMPLES = [
     "fsdp2_lora_bema.yml",
     "sft_lora_bema_self_distill.yml",
 ]
+POSTHOC_EXAMPLES = ["sft_lora_posthoc_ema.yml"]  # no online averager: snapshots only
 CPU_EXAMPLES = [
     "cpu/sft_lora_bema.yml",
     "cpu/dpo_bema.yml",
     "cpu/zero3_lora_bema.yml",
     "cpu/sft_lora_bema_self_distill.yml",
 ]
-OUR_PREFIXES = ("weight_averaging", "self_distillation", "dpo_reference")
+OUR_PREFIXES = ("weight_averaging", "self_distillation", "dpo_reference", "posthoc_ema")
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 
 
@@ -274,8 +276,16 @@ def _axolotl_validate(cfg: dict, gpu: bool):
     return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
 
 
+def test_posthoc_example_holds_valid_keys():
+    (name,) = POSTHOC_EXAMPLES
+    cfg = load_yaml(EXAMPLES / name)
+    config = posthoc_ema_config_from_flat(cfg)
+    assert (config.sigma_rels, config.dtype) == ([0.05, 0.10], "bfloat16")
+    assert weight_averaging_config_from_flat(cfg) is None
+
+
 @pytest.mark.axolotl
-@pytest.mark.parametrize("name", GPU_EXAMPLES + CPU_EXAMPLES)
+@pytest.mark.parametrize("name", GPU_EXAMPLES + POSTHOC_EXAMPLES + CPU_EXAMPLES)
 def test_example_configs_pass_axolotl_validation(name):
     """The GPU YAMLs are validated offline, as Axolotl would on an H100 (no download, no training)."""
     cfg = load_yaml(EXAMPLES / name)
@@ -285,6 +295,7 @@ def test_example_configs_pass_axolotl_validation(name):
     assert weight_averaging_config_from_flat(validated) == weight_averaging_config_from_flat(cfg)
     assert self_distillation_config_from_flat(validated) == self_distillation_config_from_flat(cfg)
     assert dpo_reference_config_from_flat(validated) == dpo_reference_config_from_flat(cfg)
+    assert posthoc_ema_config_from_flat(validated) == posthoc_ema_config_from_flat(cfg)
 
 
 THROUGH_AXOLOTL = [
