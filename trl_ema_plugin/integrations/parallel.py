@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..distributed import world_size
+from ..model_helpers import is_peft_model
 from ..shadow import LocalLayout, ShadowLayout
 
 
@@ -95,3 +96,16 @@ def build_layout(
 
         return SlicedLayout(named_params)
     return LocalLayout(named_params)
+
+
+def pack_adapter_weights(layout: ShadowLayout, model: nn.Module, args: Any) -> bool:
+    """Lay a PEFT adapter's trainable parameters out in one flat buffer (:meth:`LocalLayout.make_contiguous`), so
+    that every update reads θ as one tensor. Returns whether they are laid out so.
+
+    Only in one process without DeepSpeed (whose ZeRO optimizer points ``p.data`` into its own flat buffers) and
+    only for PEFT adapters, many small tensors: ``PeftModel.save_pretrained`` clones tensors that share a storage,
+    while transformers' ``save_pretrained`` of a full model checks shared storages against its tied-weight keys.
+    """
+    if not isinstance(layout, LocalLayout) or zero_stage(args) is not None or not is_peft_model(model):
+        return False
+    return layout.make_contiguous()

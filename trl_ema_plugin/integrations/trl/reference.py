@@ -34,7 +34,8 @@ from ...config.dpo_reference import DPOReferenceConfig
 from ...model_helpers import is_peft_model, unwrap_model
 from ...persistence import write_state_folder
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
-from ..parallel import build_layout, sharded_by
+from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
+from ..parallel import build_layout, engine_restores_model, pack_adapter_weights, sharded_by
 from .lifecycle import PluginCallback, never_updates
 from .trainer_kinds import before_each_generation, generates_completions, trainer_kind
 from .twin_adapter import add_twin_adapter
@@ -165,13 +166,27 @@ class AveragedReferenceCallback(PluginCallback):
         named = trainable_parameters(model)
         names = [n for n, _ in named]
         self.policy = build_layout(named, args, model=model)
+        pack_adapter_weights(self.policy, model, args)
         twins = parameters_by_name(model, adapter_twin_names(names, POLICY_ADAPTER, REFERENCE_ADAPTER))
         self.reference = build_layout(twins, args, model=model)
         if self.policy.local_sizes() != self.reference.local_sizes():
             raise ValueError("the 'ref' adapter is not shaped like the policy adapter 'default'")
         spec = self.config.averager_spec()
-        device = torch.device("cpu") if self.config.offload else None
-        self.weights = None if spec is None else AveragedWeights(spec, self.policy, device)
+        device = torch.device("cpu") if self.config.offload else self.policy.device
+        if spec is None:
+            self.weights = None
+            return
+        schedule = choose_schedule(self.policy, self.config.offload, engine_restores_model(args, model))
+        runner = build_runner(schedule, self.policy, device)
+        self.weights = AveragedWeights(spec, self.policy, device, runner=runner)
+
+    def runners(self) -> list[UpdateRunner]:
+        return [] if self.weights is None else [self.weights.runner]
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.close_runners()
 
     def start(self, global_step: int) -> None:
         if self.weights is not None:
@@ -198,10 +213,10 @@ class AveragedReferenceCallback(PluginCallback):
         assert self.policy is not None and self.reference is not None
         if self.weights is None:  # TR-DPO hard update
             values = self.policy.local_tensors()
-        elif not self.weights.averager.started:
+        elif not self.weights.started:
             return
         else:
-            values = self.weights.average_local(step)
+            values = self.weights.average_local(step)  # waits for the update in flight
         self.reference.write_local(values)
         self.last_sync_step = step
 

@@ -78,12 +78,11 @@ class TeacherAdapter:
         """Write the averaged weights of step ``t`` into the teacher when the averager moved since the last write."""
         if self._bound is not averaged:
             self.bind(averaged, args)
-        averager = averaged.averager
-        signature = (averager.started_at, averager.last_update_step, averager.num_updates)
+        signature = averaged.version  # as submitted: the update itself may still be running
         if signature == self._signature:
             return False
         assert self.layout is not None
-        self.layout.write_local(averaged.average_local(t))
+        self.layout.write_local(averaged.average_local(t))  # waits for it
         self._signature = signature
         return True
 
