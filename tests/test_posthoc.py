@@ -283,7 +283,9 @@ def test_snapshot_writes_are_atomic_under_a_killed_writer(tmp_path):
         try:
             assert proc.stdout.readline().strip() == b"ready"
             deadline, seen = time.monotonic() + 1.0, 0
-            while time.monotonic() < deadline or not any(n.startswith(".") for n in os.listdir(tmp_path)):
+            # read for 1 s and until a complete file was read (a loaded machine may take longer for the first
+            # write), then stop once a partial file is visible under a temporary name
+            while time.monotonic() < deadline or seen == 0 or not any(n.startswith(".") for n in os.listdir(tmp_path)):
                 for path in tmp_path.glob("snapshot-*.safetensors"):
                     try:
                         read_snapshot(path)  # complete whenever it is visible, also while being replaced

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -140,19 +141,39 @@ def test_posthoc_bema_of_the_run(run):
         torch.testing.assert_close(got[name].double(), hand, **ROUNDING)
 
 
-def test_replaying_the_recorded_trajectory_writes_the_same_files(run, tmp_path):
-    """The online recorder and the offline replay of θ_0..θ_T share one code path: identical files."""
-    trajectory = run["trajectory"]
-    replay(((t, trajectory[t]) for t in sorted(trajectory)), PostHocEMAConfig(**SETTINGS), tmp_path, every=2)
-    online = run["out"] / "posthoc"
-    offline = sorted(p.name for p in tmp_path.iterdir())
-    assert offline == sorted(p.name for p in online.iterdir() if p.suffix == ".safetensors")
-    for name in offline:
-        with safe_open(str(online / name), "pt") as a, safe_open(str(tmp_path / name), "pt") as b:
+def assert_same_snapshot_files(folder: Path, expected: Path) -> None:
+    """The same θ_0 and snapshot files in both folders, with equal headers and bit-for-bit equal tensors."""
+    names = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    assert names == sorted(p.name for p in expected.iterdir() if p.suffix == ".safetensors")
+    for name in names:
+        with safe_open(str(expected / name), "pt") as a, safe_open(str(folder / name), "pt") as b:
             assert a.metadata() == b.metadata(), name
             assert set(a.keys()) == set(b.keys())
             for key in a.keys():  # noqa: SIM118
                 assert torch.equal(a.get_tensor(key), b.get_tensor(key)), f"{name}: {key}"
+
+
+def test_replaying_the_recorded_trajectory_writes_the_same_files(run, tmp_path):
+    """The online recorder and the offline replay of θ_0..θ_T share one code path: identical files."""
+    trajectory = run["trajectory"]
+    replay(((t, trajectory[t]) for t in sorted(trajectory)), PostHocEMAConfig(**SETTINGS), tmp_path, every=2)
+    assert_same_snapshot_files(tmp_path, run["out"] / "posthoc")
+
+
+def test_offloaded_emas_update_in_the_worker_and_write_the_same_files(run, base, tmp_path):
+    """offload=True: the EMAs live in CPU memory and update in the offload worker thread, both in one job per step
+    (one runner: θ_t is read once for both); snapshots and checkpoints wait for it and equal the inline run's."""
+    callback = PostHocEMACallback(**SETTINGS, offload=True)
+    train(tmp_path / "out", base, [callback])
+    runner = callback.recorder.runner
+    assert runner.schedule == "worker" and all(w.runner is runner for w in callback.recorder.weights.values())
+    assert runner.updates_run == MAX_STEPS  # the start at step 1 and the updates at steps 2..10
+    assert runner.worker_threads and threading.main_thread().name not in runner.worker_threads
+    assert_same_snapshot_files(tmp_path / "out" / "posthoc", run["out"] / "posthoc")
+    for step in (4, 8):
+        folder = f"checkpoint-{step}/posthoc_ema/averager_state.safetensors"
+        a, b = load_file(str(run["out"] / folder)), load_file(str(tmp_path / "out" / folder))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 def test_checkpoints_hold_the_emas_and_the_folder_describes_the_adapter(run):

@@ -9,6 +9,8 @@ part under ZeRO/FSDP2). Drive it with :meth:`~PostHocRecorder.begin` at the firs
 * at every t > τ with (t − ``update_after``) % ``every`` == 0, and at the last step, a snapshot is written: every
   EMA and θ_t, gathered once (collective) and written by the ``writer`` (global rank 0).
 
+The EMAs share one :class:`~trl_ema_plugin.shadow.runner.UpdateRunner` (θ_t is read once per step for all of
+them, inline, on a side CUDA stream or in the offload worker); a snapshot or a checkpoint waits for the update.
 The TRL callback calls these at ``on_train_begin`` / ``on_step_end`` / ``on_train_end``; :func:`replay` calls them
 with a recorded trajectory θ_0..θ_T, so both write the same files.
 """
@@ -27,6 +29,8 @@ from torch import Tensor, nn
 from ..config import AveragerSpec
 from ..config.posthoc import PostHocEMAConfig
 from ..shadow import AveragedWeights, LocalLayout, ShadowLayout
+from ..shadow.runner import UpdateRunner, build_runner
+from ..shadow.store import step_together
 from .snapshots import THETA0_FILE, is_snapshot_file, profile_name, read_snapshot, write_snapshot, write_theta0
 
 ABANDONED_PREFIX = "abandoned-"
@@ -53,6 +57,7 @@ class PostHocRecorder:
         folder: str | os.PathLike[str],
         every: int,
         device: torch.device | str | None = None,
+        runner: UpdateRunner | None = None,
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every!r}: snapshots need an interval ≥ 1 optimizer step")
@@ -60,17 +65,25 @@ class PostHocRecorder:
         self.layout = layout
         self.folder = Path(folder)
         self.every = every
-        self.weights = {s: AveragedWeights(power_spec(s, config), layout, device) for s in config.sigma_rels}
+        shadow_device = torch.device(device) if device is not None else layout.device
+        #: where the EMAs update (default inline); shared, so that θ_t is read once per step for all of them
+        self.runner = runner if runner is not None else build_runner("inline", layout, shadow_device)
+        self.weights = {
+            s: AveragedWeights(power_spec(s, config), layout, shadow_device, runner=self.runner)
+            for s in config.sigma_rels
+        }
         self.last_snapshot: int | None = None  # the step of the last snapshot written (or of the restored state)
+        self._started_at: int | None = None  # as submitted: the start itself may still run on the runner
 
     @property
     def started_at(self) -> int | None:
         """The step τ at which the EMAs started (None before)."""
-        return next(iter(self.weights.values())).averager.started_at
+        return self._started_at
 
     @property
     def profile_time(self) -> int:
-        """t of the EMAs' profiles: steps from τ to their last update."""
+        """t of the EMAs' profiles: steps from τ to their last update (waits for the update in flight)."""
+        self.runner.wait()
         averager = next(iter(self.weights.values())).averager
         assert averager.started_at is not None and averager.last_update_step is not None
         return averager.last_update_step - averager.started_at
@@ -85,10 +98,10 @@ class PostHocRecorder:
 
     def step(self, t: int, writer: bool) -> None:
         """Fold θ_t into the EMAs where ``t`` is a start or update step; write θ_0 or a snapshot where due."""
-        started_before = self.started_at is not None
-        for weights in self.weights.values():
-            weights.step(t)
-        if not started_before and self.started_at == t:
+        starts = next(iter(self.weights.values())).due(t) == "start"
+        step_together(list(self.weights.values()), t)
+        if starts:
+            self._started_at = t
             if self.config.keep_weights:
                 theta = self.live_weights()
                 if writer:
@@ -181,6 +194,7 @@ class PostHocRecorder:
             prefix = f"{profile_name(sigma_rel)}/"
             own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             weights.load_state(own, metadata["averagers"][profile_name(sigma_rel)])
+        self._started_at = next(iter(self.weights.values())).averager.started_at
         self.last_snapshot = metadata.get("last_snapshot")
 
 

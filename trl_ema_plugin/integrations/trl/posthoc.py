@@ -27,7 +27,8 @@ from ...posthoc.model_files import describe_model
 from ...posthoc.recorder import PostHocRecorder
 from ...posthoc.snapshots import POSTHOC_FOLDER
 from ...shadow import trainable_parameters
-from ..parallel import build_layout
+from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
+from ..parallel import build_layout, engine_restores_model, pack_adapter_weights
 from .lifecycle import PluginCallback
 
 CHECKPOINT_FOLDER = "posthoc_ema"
@@ -67,10 +68,16 @@ class PostHocEMACallback(PluginCallback):
         self.model = unwrap_model(model)
         named = trainable_parameters(self.model)
         layout = build_layout(named, args, model=self.model)
-        device = torch.device("cpu") if self.config.offload else None
+        pack_adapter_weights(layout, self.model, args)  # θ is then read as one tensor
+        device = torch.device("cpu") if self.config.offload else layout.device
+        schedule = choose_schedule(layout, self.config.offload, engine_restores_model(args, self.model))
+        runner = build_runner(schedule, layout, device)
         every = self.config.snapshot_every(self._max_steps)
         folder = Path(args.output_dir) / POSTHOC_FOLDER
-        self.recorder = PostHocRecorder(self.config, layout, folder, every, device)
+        self.recorder = PostHocRecorder(self.config, layout, folder, every, device, runner)
+
+    def runners(self) -> list[UpdateRunner]:
+        return [] if self.recorder is None else [self.recorder.runner]
 
     def start(self, global_step: int) -> None:
         assert self.recorder is not None and self.model is not None
@@ -97,6 +104,7 @@ class PostHocEMACallback(PluginCallback):
         """A last snapshot if training stopped early; without θ when the trainer loaded the best checkpoint."""
         if self.recorder is not None:
             self.recorder.finish(state.global_step, self._writer, with_weights=not self._load_best)
+        self.close_runners()
 
     # ------------------------------------------------------------------- checkpoints
     def checkpoint_folders(self) -> list[str]:
