@@ -1,11 +1,13 @@
-"""Post-hoc EMA under DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU ranks: the snapshots are those of one process.
+"""Post-hoc EMA under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 on 2 CPU ranks: the snapshots are those of one process.
 
 Each 2-rank run is ``deepspeed --num_gpus 2 tests/deepspeed_scripts/posthoc_zero.py`` (sft_zero.py's model, LoRA,
 data and global batch; σ_rel 0.05 and 0.10 from step 1, snapshots at steps 3, 5 and 6, a checkpoint at step 3).
-ZeRO-3 runs with ``stage3_param_persistence_threshold`` 0 and at DeepSpeed's default. The snapshots must hold
+ZeRO-3 runs with ``stage3_param_persistence_threshold`` 0 and at DeepSpeed's default; the FSDP2 run is the same
+script under accelerate's FSDP2 plugin (``torchrun``, tests/fsdp_scripts/posthoc_fsdp2.py). The snapshots must hold
 the power-function EMAs of the run's own gathered trajectory (to float rounding), agree with the 1-process twin
 (at test_deepspeed.py's twin tolerance), be gathered only at snapshot and checkpoint steps and be written by rank 0
-alone; a 2-rank checkpoint resumes in one process.
+alone; a 2-rank checkpoint resumes in one process (under FSDP2: a 1-rank FSDP2 run, since transformers refuses
+an FSDP checkpoint in a run without FSDP).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from trl_ema_plugin.posthoc import list_snapshots, read_theta0
 pytestmark = [pytest.mark.deepspeed, pytest.mark.slow]
 
 SCRIPT = Path(__file__).parent / "deepspeed_scripts" / "posthoc_zero.py"
+FSDP2_SCRIPT = Path(__file__).parent / "fsdp_scripts" / "posthoc_fsdp2.py"
+#: the layout each engine's run must pick
+LAYOUTS = {
+    "zero2": "SlicedLayout",
+    "zero3_persist0": "Zero3Layout",
+    "zero3_default": "Zero3Layout",
+    "fsdp2": "Fsdp2Layout",
+}
 MAX_STEPS = 6
 SNAPSHOTS = [3, 5, 6]
 SIGMA_RELS = (0.05, 0.10)
@@ -57,17 +67,27 @@ def single(tmp_path_factory):
     return _load(folder)
 
 
-@pytest.fixture(scope="module", params=list(RUNS), ids=list(RUNS))
+def _launch(folder: Path, engine: str, *args: str, processes: int = 2) -> dict:
+    if engine == "fsdp2":
+        result = launch_two_ranks(
+            FSDP2_SCRIPT, ["--output_dir", str(folder), *args], launcher="torchrun", processes=processes
+        )
+    else:
+        stage, persistence = RUNS[engine]
+        result = launch_two_ranks(
+            SCRIPT, ["--zero", str(stage), "--persistence", persistence, "--output_dir", str(folder), *args]
+        )
+    log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)
+    assert result.returncode == 0 and (folder / "report.json").is_file(), f"{engine} run failed:\n{log[-8000:]}"
+    return _load(folder)
+
+
+@pytest.fixture(scope="module", params=[*RUNS, "fsdp2"])
 def two_ranks(request, tmp_path_factory):
-    stage, persistence = RUNS[request.param]
-    if stage < 3 and Version(version("deepspeed")) < Version("0.19"):
+    if request.param in RUNS and RUNS[request.param][0] < 3 and Version(version("deepspeed")) < Version("0.19"):
         pytest.skip("DeepSpeed 0.18.x: the ZeRO-1/2 optimizer step itself fails on CPU/gloo (see test_deepspeed.py)")
     folder = tmp_path_factory.mktemp(f"posthoc_{request.param}")
-    args = ["--zero", str(stage), "--persistence", persistence, "--output_dir", str(folder)]
-    result = launch_two_ranks(SCRIPT, [*args, "--max_steps", str(MAX_STEPS)])
-    log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)
-    assert result.returncode == 0 and (folder / "report.json").is_file(), f"deepspeed run failed:\n{log[-8000:]}"
-    return {**_load(folder), "name": request.param, "stage": stage}
+    return {**_launch(folder, request.param, "--max_steps", str(MAX_STEPS)), "name": request.param}
 
 
 def snapshot_tensors(run: dict, step: int) -> dict[str, torch.Tensor]:
@@ -107,7 +127,7 @@ def test_two_ranks_write_the_snapshots_of_the_one_process_twin(two_ranks, single
 
 def test_rank_zero_writes_and_the_emas_are_gathered_only_at_snapshots_and_checkpoints(two_ranks, single):
     ranks = two_ranks["report"]["ranks"]
-    assert [r["layout"] for r in ranks] == ["Zero3Layout" if two_ranks["stage"] == 3 else "SlicedLayout"] * 2
+    assert [r["layout"] for r in ranks] == [LAYOUTS[two_ranks["name"]]] * 2
     full = single["report"]["ranks"][0]["ema_bytes"]
     assert sum(r["ema_bytes"] for r in ranks) == full and all(
         abs(r["ema_bytes"] - full / 2) <= 0.02 * full for r in ranks
@@ -123,9 +143,14 @@ def test_rank_zero_writes_and_the_emas_are_gathered_only_at_snapshots_and_checkp
 def test_resume_on_one_process_from_a_two_rank_checkpoint(two_ranks, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(two_ranks["dir"] / "posthoc", out / "posthoc")  # the run's folder, as a resumed run finds it
-    _script().run(str(out), zero=None, resume_from=str(two_ranks["dir"] / "checkpoint-3"), max_steps=MAX_STEPS)
-    resumed = _load(out)
-    assert resumed["report"]["ranks"][0]["layout"] == "LocalLayout"
+    checkpoint = str(two_ranks["dir"] / "checkpoint-3")
+    if two_ranks["name"] == "fsdp2":
+        resumed = _launch(out, "fsdp2", "--resume_from", checkpoint, "--max_steps", str(MAX_STEPS), processes=1)
+        assert resumed["report"]["ranks"][0]["layout"] == "Fsdp2Layout"
+    else:
+        _script().run(str(out), zero=None, resume_from=checkpoint, max_steps=MAX_STEPS)
+        resumed = _load(out)
+        assert resumed["report"]["ranks"][0]["layout"] == "LocalLayout"
     assert [s.global_step for s in list_snapshots(out)] == SNAPSHOTS
     (aside,) = [p for p in (out / "posthoc").iterdir() if p.is_dir()]
     assert sorted(p.name for p in aside.iterdir()) == ["snapshot-00000005.safetensors", "snapshot-00000006.safetensors"]

@@ -1,7 +1,7 @@
 """One SFTTrainer run with PostHocEMACallback, under DeepSpeed or not: the post-hoc twin of sft_zero.py.
 
 Launched by tests/test_posthoc_deepspeed.py as ``deepspeed --num_gpus 2 posthoc_zero.py --zero 3 --output_dir D``
-(2 ranks), or imported and called in-process for the 1-process twin and the 2 → 1 resume. The model, LoRA, data
+(2 ranks), run under FSDP2 by tests/fsdp_scripts/posthoc_fsdp2.py, or imported and called in-process for the 1-process twin and the 2 → 1 resume. The model, LoRA, data
 and batches are sft_zero.py's (the same global batch on 2 ranks and in 1 process); checkpoints at step 3. Rank 0
 writes ``D/report.json`` (per rank: layout, EMA bytes, the steps at which the recorder gathered and how often, the
 snapshot files it wrote) and ``D/trajectory.pt`` (θ_t gathered by DeepSpeed's own gather at every step).
@@ -72,15 +72,18 @@ class Inspector(TrainerCallback):
 
 def run(
     output_dir: str, zero: int | None = None, persistence: str = "default", resume_from: str | None = None,
-    max_steps: int = 6,
+    max_steps: int = 6, **overrides: Any,
 ) -> dict[str, Any]:  # fmt: skip
+    """``overrides``: more training arguments (another engine: ``fsdp=True, fsdp_config=...``)."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = tiny_llama(tokenizer, seed=0)
     torch.manual_seed(1)  # LoRA A initialisation: identical on every rank and in the 1-process twin
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    args = twin_args(output_dir, zero, persistence, max_steps=max_steps, save_strategy="steps", save_steps=3)
+    args = twin_args(
+        output_dir, zero, persistence, max_steps=max_steps, save_strategy="steps", save_steps=3, **overrides
+    )
     posthoc = PostHocEMACallback(**SETTINGS)
     recorder, inspector = Recorder(), Inspector(posthoc)
     trainer = SFTTrainer(
