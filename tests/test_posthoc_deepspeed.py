@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 if importlib.util.find_spec("deepspeed") is None:
     pytest.skip("deepspeed is not installed (pip install 'trl-ema-plugin[deepspeed]')", allow_module_level=True)
 
-from test_deepspeed import RUNS, assert_twins
+import posthoc_zero  # tests/deepspeed_scripts is on sys.path (conftest)
+from test_deepspeed import RUNS, _load_run, assert_twins
 
 from trl_ema_plugin.posthoc import list_snapshots, read_theta0
 
@@ -48,23 +49,11 @@ SNAPSHOTS = [3, 5, 6]
 SIGMA_RELS = (0.05, 0.10)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("posthoc_zero", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load(folder: Path) -> dict:
-    data = torch.load(folder / "trajectory.pt", weights_only=False)
-    return {"dir": folder, "report": json.loads((folder / "report.json").read_text()), **data}
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     folder = tmp_path_factory.mktemp("posthoc_single")
-    _script().run(str(folder), zero=None, max_steps=MAX_STEPS)
-    return _load(folder)
+    posthoc_zero.run(str(folder), zero=None, max_steps=MAX_STEPS)
+    return _load_run(folder)
 
 
 def _launch(folder: Path, engine: str, *args: str, processes: int = 2) -> dict:
@@ -79,7 +68,7 @@ def _launch(folder: Path, engine: str, *args: str, processes: int = 2) -> dict:
         )
     log = "\n".join(line for line in result.stdout.splitlines() if "examples/s]" not in line)
     assert result.returncode == 0 and (folder / "report.json").is_file(), f"{engine} run failed:\n{log[-8000:]}"
-    return _load(folder)
+    return _load_run(folder)
 
 
 @pytest.fixture(scope="module", params=[*RUNS, "fsdp2"])
@@ -148,8 +137,8 @@ def test_resume_on_one_process_from_a_two_rank_checkpoint(two_ranks, tmp_path):
         resumed = _launch(out, "fsdp2", "--resume_from", checkpoint, "--max_steps", str(MAX_STEPS), processes=1)
         assert resumed["report"]["ranks"][0]["layout"] == "Fsdp2Layout"
     else:
-        _script().run(str(out), zero=None, resume_from=checkpoint, max_steps=MAX_STEPS)
-        resumed = _load(out)
+        posthoc_zero.run(str(out), zero=None, resume_from=checkpoint, max_steps=MAX_STEPS)
+        resumed = _load_run(out)
         assert resumed["report"]["ranks"][0]["layout"] == "LocalLayout"
     assert [s.global_step for s in list_snapshots(out)] == SNAPSHOTS
     (aside,) = [p for p in (out / "posthoc").iterdir() if p.is_dir()]

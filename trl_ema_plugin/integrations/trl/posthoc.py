@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -26,9 +25,8 @@ from ...persistence import write_state_folder
 from ...posthoc.model_files import describe_model
 from ...posthoc.recorder import PostHocRecorder
 from ...posthoc.snapshots import POSTHOC_FOLDER
-from ...shadow import trainable_parameters
-from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
-from ..parallel import build_layout, engine_restores_model, pack_adapter_weights
+from ...shadow.runner import UpdateRunner
+from ..parallel import trainable_shadow
 from .lifecycle import PluginCallback
 
 CHECKPOINT_FOLDER = "posthoc_ema"
@@ -66,12 +64,7 @@ class PostHocEMACallback(PluginCallback):
 
     def setup(self, model: nn.Module, args: TrainingArguments) -> None:
         self.model = unwrap_model(model)
-        named = trainable_parameters(self.model)
-        layout = build_layout(named, args, model=self.model)
-        pack_adapter_weights(layout, self.model, args)  # θ is then read as one tensor
-        device = torch.device("cpu") if self.config.offload else layout.device
-        schedule = choose_schedule(layout, self.config.offload, engine_restores_model(args, self.model))
-        runner = build_runner(schedule, layout, device)
+        layout, device, runner = trainable_shadow(self.model, args, self.config.offload)
         every = self.config.snapshot_every(self._max_steps)
         folder = Path(args.output_dir) / POSTHOC_FOLDER
         self.recorder = PostHocRecorder(self.config, layout, folder, every, device, runner)
