@@ -254,10 +254,13 @@ def test_grpo_bema_reference_averaging_and_self_distillation(workspace):
     assert [h["step"] for h in steps] == list(range(1, last + 1))
     assert all("rewards/letters_reward/mean" in h and h["kl"] >= 0 for h in steps)
     assert any(h["kl"] > 0 for h in steps)
-    warmup = cfg["self_distillation_warmup_steps"]
-    for h in steps:  # log step s is global_step s - 1 during the forward
+    # log step s is global_step s − 1 during the forward. No teacher before the warm-up; at global_step τ
+    # (update_after) the BEMA teacher is θ_τ, the student itself (term exactly 0); after it they differ
+    warmup, start = cfg["self_distillation_warmup_steps"], cfg["weight_averaging_update_after"]
+    assert warmup <= start
+    for h in steps:
         assert h["loss"] == pytest.approx(h["loss/task"] + h["loss/distill"], abs=2e-5)
-        assert (h["loss/distill"] > 0.0) == (h["step"] - 1 >= warmup)
+        assert (h["loss/distill"] > 0.0) == (h["step"] - 1 > start)
 
 
 def test_kto_bema_reference_and_averaging(workspace):
