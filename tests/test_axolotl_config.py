@@ -43,6 +43,7 @@ GPU_EXAMPLES = [
     "grpo_bema.yml",
     "kto_bema.yml",
     "zero3_lora_bema.yml",
+    "fsdp2_lora_bema.yml",
     "sft_lora_bema_self_distill.yml",
 ]
 CPU_EXAMPLES = [
@@ -278,7 +279,7 @@ def _axolotl_validate(cfg: dict, gpu: bool):
     prepare_plugins(cfg)
     if not gpu:
         return validate_config(cfg)
-    n_gpu = 2 if cfg.get("deepspeed") else 1
+    n_gpu = 2 if cfg.get("deepspeed") or cfg.get("fsdp_config") else 1
     capabilities = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": n_gpu, "compute_capability": "sm_90"}
     return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
 

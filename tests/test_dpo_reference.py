@@ -476,9 +476,16 @@ def test_zero3_reference_sync_on_two_ranks(zero3_runs, tokenizer, persistence):
     assert run["world_size"] == 2 and run["layouts"] == ["Zero3Layout", "Zero3Layout"] and run["ds_partitioned"]
     assert all(run["ds_persist"]) if persistence == "default" else not any(run["ds_persist"])
     assert run["base_identical"]
+    assert_two_rank_reference(run, script.MAX_STEPS, tiny_llama(tokenizer, seed=0))
+
+
+def assert_two_rank_reference(run: dict, max_steps: int, initial_base) -> None:
+    """A 2-rank run of ``dpo_reference_zero.run`` (ZeRO-3 or FSDP2): "ref" starts as θ_0, equals the hand BEMA of the
+    gathered policy at each sync step (every 2nd) and stays put in between; each reference forward of rank 0
+    equals a one-process base model + the adapter of its step."""
     theta, ref = run["theta"], run["ref"]
-    assert all_equal(ref[0], theta[0])
-    for t in range(1, script.MAX_STEPS + 1):
+    assert sorted(theta) == list(range(max_steps + 1)) and all_equal(ref[0], theta[0])
+    for t in range(1, max_steps + 1):
         if t % 2 == 0:
             assert not all_equal(ref[t], ref[t - 1]), f"reference did not move at sync step {t}"
             assert_close(ref[t], hand_bema(theta, t))
@@ -487,4 +494,4 @@ def test_zero3_reference_sync_on_two_ranks(zero3_runs, tokenizer, persistence):
     captured = run["captured"]
     assert [step for step, *_ in captured] == [0, 1, 2, 3]
     expected = {0: theta[0], 1: theta[0], 2: hand_bema(theta, 2), 3: hand_bema(theta, 2)}
-    assert_reference_log_probs(captured, expected, tiny_llama(tokenizer, seed=0))
+    assert_reference_log_probs(captured, expected, initial_base)

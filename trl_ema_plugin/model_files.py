@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .model_helpers import is_peft_model
+from .model_helpers import is_peft_model, is_sharded
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -38,7 +38,7 @@ def write_averaged_weights(
         save_file(adapter_state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         model.peft_config[adapter_name].save_pretrained(str(folder))
         return
-    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+    if any(is_sharded(p) for p in model.parameters()):
         _write_partitioned_full_model(model, averaged, folder)
         return
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
@@ -60,12 +60,12 @@ def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _write_partitioned_full_model(model: nn.Module, averaged: dict[str, Tensor], folder: Path) -> None:
-    """ZeRO-3 full fine-tuning: ``model.state_dict()`` holds empty partitions, so write the gathered tensors
-    (in the model's dtype, as the unpartitioned branch; tied weights are written once and re-tied on load)."""
+    """ZeRO-3 / FSDP2 full fine-tuning: ``model.state_dict()`` holds partitions or shards, so write the gathered
+    tensors (in the model's dtype, as the unsharded branch; tied weights are written once and re-tied on load)."""
     frozen = [n for n, _ in model.named_parameters() if n not in averaged]
     if frozen:
         raise ValueError(
-            f"cannot export a full model under ZeRO-3 when some parameters are frozen (e.g. {frozen[0]!r}): "
+            f"cannot export a full model under ZeRO-3 or FSDP2 when some parameters are frozen (e.g. {frozen[0]!r}): "
             "their partitions are not gathered; train a PEFT adapter, or unfreeze every parameter"
         )
     dtypes = {n: getattr(p, "ds_tensor", p).dtype for n, p in model.named_parameters()}

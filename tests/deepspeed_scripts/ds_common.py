@@ -12,6 +12,8 @@ import torch.distributed as dist
 from transformers import TrainingArguments
 from trl import SFTConfig
 
+from trl_ema_plugin.model_helpers import is_dtensor
+
 Args = TypeVar("Args", bound=TrainingArguments)
 
 #: a few fast steps of the tiny model that move its weights visibly (the tests' default run)
@@ -87,14 +89,15 @@ def _gather_once(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch
 def stable_gather(
     named: list[tuple[str, torch.nn.Parameter]], on_retry: Callable[[], None] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Full tensors through DeepSpeed's own gather under ZeRO-3 (collective), independent of our layouts.
+    """Full tensors through DeepSpeed's own gather under ZeRO-3, or DTensor's ``full_tensor()`` under FSDP2
+    (collective), independent of our layouts.
 
     With DeepSpeed 0.18.9 on CPU, ``GatheredParameters`` now and then returns a few uninitialised
     elements (in about half of the runs, already at train begin, before any callback of ours acts;
     never seen with 0.19.8). Training is unaffected. So gather until two consecutive gathers agree.
     """
     if not any(hasattr(p, "ds_tensor") for _, p in named):
-        return {n: p.detach().clone().float().cpu() for n, p in named}
+        return {n: (p.full_tensor() if is_dtensor(p) else p).detach().clone().float().cpu() for n, p in named}
     previous = _gather_once(named)
     for _ in range(8):
         current = _gather_once(named)
@@ -109,6 +112,7 @@ def stable_gather(
 
 
 def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
-    """Full tensors of ``params`` in order, through DeepSpeed's own gather (collective), see :func:`stable_gather`."""
+    """Full tensors of ``params`` in order, through DeepSpeed's own gather or DTensor's (collective), see
+    :func:`stable_gather`."""
     full = stable_gather(params)
     return [full[n] for n, _ in params]

@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
-from .base import Averager, copy_all
+from .base import Averager
+from .ops import Tensors, copy_, lerp_
 
 #: σ_rel of γ = 0, the uniform average over the whole run: the largest σ_rel with γ ≥ 0
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
@@ -98,6 +98,7 @@ class PowerFunctionEMA(Averager):
     method = "power_ema"
     buffer_names = ("ema",)
     hyperparameters = ("sigma_rel",)
+    flat_math = True
 
     def __init__(self, sigma_rel: float = 0.05) -> None:
         super().__init__()
@@ -115,12 +116,15 @@ class PowerFunctionEMA(Averager):
         assert self.started_at is not None and self.last_update_step is not None
         return power_function_beta(self.gamma, t - self.started_at, t - self.last_update_step)
 
-    def _start(self, theta: list[Tensor], t: int) -> None:
-        copy_all(self.views("ema"), theta)
+    def _start(self, theta: Tensors, t: int) -> None:
+        copy_(self.state("ema", theta), theta)
 
-    def _update(self, theta: list[Tensor], t: int) -> None:
+    def _update(self, theta: Tensors, t: int) -> None:
         # called before the base class sets last_update_step = t, so Δ = t − previous update
-        torch._foreach_lerp_(self.views("ema"), theta, 1.0 - self.beta(t))
+        lerp_(self.state("ema", theta), theta, 1.0 - self.beta(t))
 
-    def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:
-        copy_all(out, self.views("ema"))
+    def output_reads_theta(self) -> bool:
+        return False
+
+    def average_into(self, out: Tensors, theta: Tensors | None, t: int) -> None:
+        copy_(out, self.state("ema", out))

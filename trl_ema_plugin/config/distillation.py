@@ -62,6 +62,11 @@ class SelfDistillationConfig(SettingsModel):
         1, ge=1, description="run the teacher every n-th optimizer step after warm-up (the term is 0 on the others)"
     )
     adapter_name: str = Field("ema_teacher", description="name of the PEFT adapter that holds the teacher weights")
+    kernel: Literal["torch", "liger"] = Field(
+        "torch",
+        description="torch: the divergence in chunks of tokens (any device); liger: Liger kernel's fused linear JSD "
+        "(CUDA, pip install liger-kernel>=0.5; a plain bias-free output layer, no top_k)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +97,14 @@ class SelfDistillationConfig(SettingsModel):
                 value=self.beta,
                 allowed="{beta} unset, or {divergence}='generalized_jsd'",
                 names={"beta": "beta", "divergence": "divergence"},
+            )
+        if self.kernel == "liger" and self.top_k is not None:
+            raise SettingError(
+                "Liger kernel's fused linear JSD works on the whole vocabulary: {top_k} does not apply",
+                field="top_k",
+                value=self.top_k,
+                allowed="{top_k} unset with {kernel}='liger', or {kernel}='torch'",
+                names={"top_k": "top_k", "kernel": "kernel"},
             )
         if not _NAME_PATTERN.match(self.adapter_name) or self.adapter_name in ("default", "ref"):
             raise SettingError(

@@ -61,6 +61,11 @@ class ShadowLayout(ABC):
     def local_sizes(self) -> list[int]:
         return [t.numel() for t in self.local_tensors()]
 
+    def storage_key(self) -> tuple[int, ...]:
+        """Data pointers of the live storages: unchanged as long as :meth:`local_tensors` views stay valid
+        (readers cache those views and remake them when this changes, e.g. after ``param.data = ...``)."""
+        return tuple(p.data_ptr() for p in self.params)
+
     @property
     def device(self) -> torch.device:
         return self.params[0].device
@@ -76,12 +81,52 @@ class ShadowLayout(ABC):
 class LocalLayout(ShadowLayout):
     """Every tensor in full on this process."""
 
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
+        super().__init__(named_params)
+        self._flat: Tensor | None = None
+        self._flat_key: tuple[int, ...] | None = None
+
+    @property
+    def flat(self) -> Tensor | None:
+        """The live weights as one flat tensor when they are consecutive views of one storage, in order
+        (after :meth:`make_contiguous`); None otherwise."""
+        key = self.storage_key()
+        if key != self._flat_key:
+            self._flat, self._flat_key = consecutive_storage(self.params), key
+        return self._flat
+
+    @torch.no_grad()
+    def make_contiguous(self) -> bool:
+        """Re-point the parameters at consecutive views of one flat buffer (``param.data = view``, values kept),
+        so that θ is read as one tensor. Only when they share one device and one dtype; returns whether they
+        are laid out so now. The parameter objects stay the same (optimizer state, hooks and names follow);
+        whatever later replaces a parameter's ``data`` only makes readers fall back to the per-tensor path."""
+        if self.flat is not None:
+            return True
+        if len({p.device for p in self.params}) != 1 or len({p.dtype for p in self.params}) != 1:
+            return False
+        if any(hasattr(p, "ds_tensor") or not p.is_contiguous() for p in self.params):
+            return False
+        buffer = torch.empty(sum(p.numel() for p in self.params), dtype=self.dtype, device=self.device)
+        offset = 0
+        for p in self.params:
+            view = buffer[offset : offset + p.numel()].view(p.shape)
+            view.copy_(p.detach())
+            p.data = view
+            offset += p.numel()
+        return self.flat is not None
+
     @property
     def shapes(self) -> list[torch.Size]:
         return [p.shape for p in self.params]
 
     def local_tensors(self) -> list[Tensor]:
         return [p.detach().view(-1) for p in self.params]
+
+    @torch.no_grad()
+    def write_local(self, values: list[Tensor]) -> None:
+        """One foreach copy; ``copy_`` casts to the live dtype and device exactly as ``Tensor.to`` does."""
+        torch._foreach_copy_(self.local_tensors(), values)
 
     def _write_live(self, values: list[Tensor]) -> None:
         torch._foreach_copy_(self.local_tensors(), values)
@@ -91,3 +136,25 @@ class LocalLayout(ShadowLayout):
 
     def local_part(self, full: list[Tensor]) -> list[Tensor]:
         return [t.reshape(-1) for t in full]
+
+
+def consecutive_storage(params: list[nn.Parameter]) -> Tensor | None:
+    """One flat tensor over ``params`` when they are contiguous, consecutive views of one storage (same dtype and
+    device), in order; else None."""
+    if not params:
+        return None
+    first = params[0]
+    storage = first.untyped_storage()
+    start = offset = first.storage_offset()
+    for p in params:
+        if (
+            p.dtype != first.dtype
+            or p.device != first.device
+            or not p.is_contiguous()
+            or p.untyped_storage().data_ptr() != storage.data_ptr()
+            or p.storage_offset() != offset
+        ):
+            return None
+        offset += p.numel()
+    with torch.no_grad():
+        return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, start, (offset - start,))

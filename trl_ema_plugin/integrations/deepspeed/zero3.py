@@ -76,6 +76,9 @@ class Zero3Layout(ShadowLayout):
     def local_tensors(self) -> list[Tensor]:
         return [p.ds_tensor.data.view(-1)[:n] for p, n in zip(self.params, self.valid, strict=True)]
 
+    def storage_key(self) -> tuple[int, ...]:
+        return tuple(p.ds_tensor.data_ptr() for p in self.params)
+
     def _assemble(self, partitions: list[Tensor], params: list[nn.Parameter]) -> list[Tensor]:
         """Full flat tensors of ``params`` from this rank's padded ``partitions`` (one all-gather)."""
         rows = all_gather_rows(torch.cat(partitions), self.group)  # [world, Σ c_i]

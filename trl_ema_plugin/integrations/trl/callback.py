@@ -21,7 +21,9 @@ from ...model_files import write_averaged_weights
 from ...model_helpers import unwrap_model
 from ...persistence import averager_folder, write_state_folder
 from ...shadow import AveragedWeights, trainable_parameters
-from ..parallel import build_layout
+from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
+from ...shadow.store import step_together
+from ..parallel import build_layout, engine_restores_model, pack_adapter_weights
 from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
 from .lifecycle import PluginCallback, never_updates
 from .trainer_kinds import evaluates_without_labels, trainer_kind
@@ -57,6 +59,7 @@ class WeightAveragingCallback(PluginCallback):
         given = {k: v for k, v in {"method": method, "averagers": averagers}.items() if v is not None}
         super().__init__(config, **given, **kwargs)
         self.weights: dict[str, AveragedWeights] = {}
+        self.runner: UpdateRunner | None = None
         self._evaluating = False
 
     @classmethod
@@ -79,11 +82,20 @@ class WeightAveragingCallback(PluginCallback):
         """Build the shadow stores for ``model`` (done by ``on_train_begin``)."""
         self.model = unwrap_model(model)
         named = trainable_parameters(self.model)
-        layout = build_layout(named, args)
-        device = torch.device("cpu") if self.config.offload else None
+        layout = build_layout(named, args, model=self.model)
+        pack_adapter_weights(layout, self.model, args)  # θ is then read as one tensor
+        device = torch.device("cpu") if self.config.offload else layout.device
         # the trainer loads the best checkpoint before on_train_end: the export must not read those weights as θ_T
         moves = bool(getattr(args, "load_best_model_at_end", False))
-        self.weights = {spec.label: AveragedWeights(spec, layout, device, moves) for spec in self.config.averagers}
+        schedule = choose_schedule(layout, self.config.offload, engine_restores_model(args, self.model))
+        self.runner = build_runner(schedule, layout, device)  # shared: θ_t is read once per step for all averagers
+        self.weights = {
+            spec.label: AveragedWeights(spec, layout, device, moves, runner=self.runner)
+            for spec in self.config.averagers
+        }
+
+    def runners(self) -> list[UpdateRunner]:
+        return [] if self.runner is None else [self.runner]
 
     def check_run(self, args: TrainingArguments, state: TrainerState) -> None:
         self._check_evaluation_path(args)
@@ -91,8 +103,7 @@ class WeightAveragingCallback(PluginCallback):
 
     def start(self, global_step: int) -> None:
         self._step = global_step
-        for weights in self.weights.values():
-            weights.step(global_step)
+        step_together(list(self.weights.values()), global_step)
 
     def checkpoint_folders(self) -> list[str]:
         """``averaged/`` for the primary averager, ``averaged-<name>/`` for each other one."""
@@ -120,8 +131,7 @@ class WeightAveragingCallback(PluginCallback):
     # ----------------------------------------------------------------- steps
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._step = state.global_step
-        for weights in self.weights.values():
-            weights.step(state.global_step)
+        step_together(list(self.weights.values()), state.global_step)
 
     # ------------------------------------------------------------ evaluation
     def on_evaluate(
@@ -165,6 +175,7 @@ class WeightAveragingCallback(PluginCallback):
     ) -> None:
         if self.config.export_at_end and self.weights:
             self.save(args.output_dir, state.global_step, is_writer(state))
+        self.close_runners()
 
     def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
         """Write every averager's folder under ``parent``. Collective: call on every rank; ``writer`` writes."""

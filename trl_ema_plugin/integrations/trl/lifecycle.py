@@ -8,10 +8,13 @@
 * **Train begin**, in this order: :meth:`~PluginCallback.check_run` (refuse or warn before anything is
   built), :meth:`~PluginCallback.setup` (the state for the model), :meth:`~PluginCallback.resume`,
   :meth:`~PluginCallback.start` (the first step, fresh or resumed).
-* **Resume** (:meth:`~PluginCallback.resume`): the checkpoint the trainer resumed from; outside DeepSpeed,
+* **Resume** (:meth:`~PluginCallback.resume`): the checkpoint the trainer resumed from; outside DeepSpeed and FSDP2,
   the adapters transformers loaded from our sub-folders are dropped and the policy adapter restored
   where it did not; then :meth:`~PluginCallback.load`. A checkpoint without our folder is a warning and
   the feature starts afresh (:meth:`~PluginCallback.read_checkpoint_state`).
+* **Updates in flight**: an average may update on a side CUDA stream or in a worker thread
+  (:meth:`~PluginCallback.runners`): ``on_pre_optimizer_step`` makes the optimizer wait for the update's
+  reads of θ, ``on_epoch_end`` and every reader of the averages wait for the update itself.
 * **Save**: ``on_save`` calls :meth:`~PluginCallback.save` for ``checkpoint-N`` on every rank (the gathers
   are collective); global rank 0 writes, each folder atomically
   (:func:`~trl_ema_plugin.persistence.write_state_folder`).
@@ -37,7 +40,8 @@ from ...config import AveragerSpec
 from ...distributed import is_writer
 from ...model_files import ADAPTER_WEIGHTS
 from ...persistence import read_state
-from ..parallel import zero_stage
+from ...shadow.runner import UpdateRunner
+from ..parallel import engine_restores_model
 from .checkpoint_adapters import drop_adapters, restore_policy_adapter
 from .resume import checkpoint_folder, find_resume_checkpoint
 
@@ -99,14 +103,14 @@ class PluginCallback(TrainerCallback):
     def resume(self, args: TrainingArguments, state: TrainerState) -> str | None:
         """Restore this callback's state from the checkpoint the trainer resumed from; return that folder.
 
-        Call from ``on_train_begin`` once :attr:`model` is set up. Outside DeepSpeed (which resumes from
-        its own files), transformers loads every checkpoint sub-folder holding an adapter as an extra
+        Call from ``on_train_begin`` once :attr:`model` is set up. Outside DeepSpeed and FSDP2 (which resume
+        from their own files), transformers loads every checkpoint sub-folder holding an adapter as an extra
         adapter, and 5.16 then skips the root adapter: both are undone first.
         """
         checkpoint = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
         if checkpoint is None:
             return None
-        if zero_stage(args) is None and self.model is not None:
+        if self.model is not None and not engine_restores_model(args, self.model):
             drop_adapters(self.model, self.checkpoint_folders())
             adapter = getattr(self.model, "active_adapter", "default")
             if restore_policy_adapter(self.model, checkpoint, adapter):
@@ -144,6 +148,31 @@ class PluginCallback(TrainerCallback):
 
     def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
         """Write this callback's folders under ``parent``. Collective: call on every rank; ``writer`` writes."""
+
+    # ------------------------------------------------------------ updates in flight
+    def runners(self) -> list[UpdateRunner]:
+        """Where this callback's averages update (:mod:`trl_ema_plugin.shadow.runner`): a side stream or a
+        worker may still run an update when the callback returns."""
+        return []
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """The optimizer is about to write θ: an update still reading θ of the last step finishes its reads first."""
+        for runner in self.runners():
+            runner.before_weights_change()
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Wait for the updates: after the last epoch the trainer may load the best checkpoint into the weights."""
+        for runner in self.runners():
+            runner.wait()
+
+    def close_runners(self) -> None:
+        """Wait for every update and stop the worker threads (at train end)."""
+        for runner in self.runners():
+            runner.close()
 
     # ------------------------------------------------------------------ warnings
     def warn(self, message: str) -> None:

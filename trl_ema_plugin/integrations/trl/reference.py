@@ -16,8 +16,8 @@ adapter*. :class:`AveragedReferenceCallback` keeps its own running average of th
   reference.
 
 The frozen base weights are never written (unlike TRL's experimental BEMA-for-reference), and
-no second copy of the base model exists. Under DeepSpeed ZeRO the ``"ref"`` parameters are
-partitioned like the policy's, and each rank writes its own partition.
+no second copy of the base model exists. Under DeepSpeed ZeRO and FSDP2 the ``"ref"`` parameters are
+sharded like the policy's, and each rank writes its own shard.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from ...config.reference import ReferenceConfig
 from ...model_helpers import is_peft_model, unwrap_model
 from ...persistence import write_state_folder
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
-from ..parallel import build_layout, zero_stage
+from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
+from ..parallel import build_layout, engine_restores_model, pack_adapter_weights, sharded_by
 from .lifecycle import PluginCallback, never_updates
 from .trainer_kinds import before_each_generation, generates_completions, trainer_kind
 from .twin_adapter import add_twin_adapter
@@ -118,8 +119,8 @@ class AveragedReferenceCallback(PluginCallback):
     def attach_to(self, trainer: Any) -> None:
         """Called by :func:`trl_ema_plugin.attach`: checks the trainer and adds ``"ref"`` if it is missing.
 
-        Adding it here, before ``trainer.train()`` builds the DeepSpeed engine, lets ZeRO-3
-        partition the reference adapter like the policy. On GRPO and RLOO it also hooks the
+        Adding it here, before ``trainer.train()`` builds the DeepSpeed engine or applies FSDP2, lets
+        ZeRO-3 and FSDP2 shard the reference adapter like the policy. On GRPO and RLOO it also hooks the
         generation batches, where the reference is written.
         """
         again = self.trainer is trainer
@@ -153,25 +154,39 @@ class AveragedReferenceCallback(PluginCallback):
         model = unwrap_model(model)
         require_peft_model(model)
         if REFERENCE_ADAPTER not in model.peft_config:
-            if zero_stage(args) == 3:
+            engine = sharded_by(args, model)
+            if engine is not None:
                 raise ValueError(
-                    "the model has no 'ref' adapter, and under ZeRO-3 it must exist before the DeepSpeed engine is "
-                    "built: pass a PeftModel to the trainer (TRL then adds 'ref'), or call trl_ema_plugin.attach(trainer) "
+                    f"the model has no 'ref' adapter, and under {engine} it must exist before the model is sharded: "
+                    "pass a PeftModel to the trainer (TRL then adds 'ref'), or call trl_ema_plugin.attach(trainer) "
                     "before trainer.train()"
                 )
             add_reference_adapter(model)  # before any optimizer step, so "default" still holds θ_0
         self.model = model
         named = trainable_parameters(model)
         names = [n for n, _ in named]
-        self.policy = build_layout(named, args)
-        self.reference = build_layout(
-            parameters_by_name(model, adapter_twin_names(names, POLICY_ADAPTER, REFERENCE_ADAPTER)), args
-        )
+        self.policy = build_layout(named, args, model=model)
+        pack_adapter_weights(self.policy, model, args)
+        twins = parameters_by_name(model, adapter_twin_names(names, POLICY_ADAPTER, REFERENCE_ADAPTER))
+        self.reference = build_layout(twins, args, model=model)
         if self.policy.local_sizes() != self.reference.local_sizes():
             raise ValueError("the 'ref' adapter is not shaped like the policy adapter 'default'")
         spec = self.config.averager_spec()
-        device = torch.device("cpu") if self.config.offload else None
-        self.weights = None if spec is None else AveragedWeights(spec, self.policy, device)
+        device = torch.device("cpu") if self.config.offload else self.policy.device
+        if spec is None:
+            self.weights = None
+            return
+        schedule = choose_schedule(self.policy, self.config.offload, engine_restores_model(args, model))
+        runner = build_runner(schedule, self.policy, device)
+        self.weights = AveragedWeights(spec, self.policy, device, runner=runner)
+
+    def runners(self) -> list[UpdateRunner]:
+        return [] if self.weights is None else [self.weights.runner]
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.close_runners()
 
     def start(self, global_step: int) -> None:
         if self.weights is not None:
@@ -198,10 +213,10 @@ class AveragedReferenceCallback(PluginCallback):
         assert self.policy is not None and self.reference is not None
         if self.weights is None:  # TR-DPO hard update
             values = self.policy.local_tensors()
-        elif not self.weights.averager.started:
+        elif not self.weights.started:
             return
         else:
-            values = self.weights.average_local(step)
+            values = self.weights.average_local(step)  # waits for the update in flight
         self.reference.write_local(values)
         self.last_sync_step = step
 
