@@ -1,6 +1,6 @@
 """Evidence on a real pretrained model, GRPO: fixed reference vs BEMA reference vs BEMA reference + self-distillation.
 
-    python benchmarks/evidence_grpo.py --full --threads 1   # SmolLM2-135M-Instruct on stdlib code, ~2 CPU-hours
+    python benchmarks/evidence_grpo.py --full --threads 1   # SmolLM2-135M-Instruct on stdlib code, hours on CPU
     python benchmarks/evidence_grpo.py --tiny               # seconds: tiny random model (what CI runs)
 
 See ``python benchmarks/evidence_grpo.py --help`` and docs/evidence.md, study (d).

@@ -9,7 +9,7 @@ Protocol: docs/evidence.md, study (d).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from transformers import TrainerCallback, set_seed
 from trl_ema_plugin import AveragedReferenceCallback, SelfDistillationCallback, WeightAveragingCallback, attach
 
 from .code_reward import REWARD_FUNCTIONS, body_parses
-from .runner import MODELS, StepProbe, load_model, load_tokenizer, median_seconds
+from .runner import ModelScale, StepProbe, load_model, load_tokenizer, median_seconds, named_preset
 from .stdlib_data import stdlib_sft_dataset
 
 #: TRL's per-step log keys kept as curves (``rewards/<function>/mean`` for each reward function)
@@ -36,7 +36,7 @@ LOGGED = (
 
 
 @dataclass(frozen=True)
-class GRPOScale:
+class GRPOScale(ModelScale):
     """Sizes of the GRPO study. ``full`` is the documented run; ``smoke`` and ``tiny`` only check that it works."""
 
     name: str
@@ -58,13 +58,6 @@ class GRPOScale:
     #: that ends in "\n" stops on a token boundary the model rarely saw (docs/evidence.md, study (d))
     indent_prime: str = "   "
 
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r}; allowed values: {', '.join(MODELS)}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 PRESETS: dict[str, GRPOScale] = {
     "full": GRPOScale("full"),
@@ -78,10 +71,7 @@ PRESETS: dict[str, GRPOScale] = {
 
 
 def scale_named(name: str) -> GRPOScale:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"scale={name!r}; allowed values: {', '.join(PRESETS)}") from None
+    return named_preset(PRESETS, name)
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -1,6 +1,6 @@
 """The GRPO study (d): fixed reference vs BEMA reference vs BEMA reference + self-distillation, resumable.
 
-    python benchmarks/evidence_grpo.py --full --threads 1     # SmolLM2-135M, about 2 CPU-hours
+    python benchmarks/evidence_grpo.py --full --threads 1     # SmolLM2-135M, hours on CPU (docs/evidence.md)
     python benchmarks/evidence_grpo.py --tiny                 # tiny random Llama, seconds (what CI runs)
     python benchmarks/evidence_grpo.py --full --report-only   # rebuild the table, the plot and docs/evidence.md's block
 
@@ -11,16 +11,15 @@ locked by its process id (the conventions of :mod:`experiments.studies`). Protoc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from .cli import add_run_arguments, add_scale_arguments, prepare_process, report, resolve_folders
 from .grpo_report import write_grpo_report
 from .grpo_runner import GRPORun, GRPOScale, PromptCache, run_grpo, scale_named
-from .studies import PlannedRun, _claim, _environment, check_scale, load_results, result_path
+from .studies import PlannedRun, load_results, run_planned
 
 STUDY = "grpo"
 FULL_COMMAND = "python benchmarks/evidence_grpo.py --full --threads 1"
@@ -54,76 +53,33 @@ def execute(run: PlannedRun, scale: GRPOScale, prompts: PromptCache, work: Path,
 
 
 def run_study(scale: GRPOScale, out: str | os.PathLike[str], show_progress: bool = True) -> list[Path]:
-    """Run every planned run that ``out`` does not hold yet (skipping runs another live process holds)."""
-    from tqdm.auto import tqdm
-
+    """Run every planned run that ``out`` does not hold yet (skipping runs another live process holds); each record
+    also lists the training and held-out prompts."""
     out = Path(out)
-    runs = plan(scale)
-    check_scale(out, scale)  # type: ignore[arg-type]
     prompts = PromptCache(scale)
-    total = sum(r.steps for r in runs)
-    done = sum(r.steps for r in runs if result_path(out, r).exists())
-    with tqdm(total=total, initial=done, unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
-        for run in runs:
-            if result_path(out, run).exists():
-                continue
-            lock = _claim(out, run)
-            if lock is None:
-                continue
-            try:
-                bar.set_postfix_str(run.run_id)
-                started = time.time()
-                result = execute(run, scale, prompts, out / "work", bar)
-                record = {
-                    "run_id": run.run_id, "study": run.study, "label": run.label, "seed": run.seed, "steps": run.steps,
-                    "settings": run.settings, "scale": scale.as_dict(), "environment": _environment(),
-                    "prompts": {split: list(prompts.get(split)["prompt"]) for split in ("train", "eval")},
-                    "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.time() - started, **result,
-                }  # fmt: skip
-                path = result_path(out, run)
-                tmp = path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(record, indent=1))
-                os.replace(tmp, path)
-            finally:
-                lock.unlink(missing_ok=True)
-    return [result_path(out, r) for r in runs]
+
+    def execute_run(run: PlannedRun, bar: Any) -> dict[str, Any]:
+        result = execute(run, scale, prompts, out / "work", bar)
+        return {"prompts": {split: list(prompts.get(split)["prompt"]) for split in ("train", "eval")}, **result}
+
+    return run_planned(plan(scale), scale, out, execute_run, show_progress)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="GRPO on SmolLM2-135M-Instruct: fixed vs BEMA reference (CPU).")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--full", dest="scale", action="store_const", const="full", help="the documented run (default)")
-    mode.add_argument("--smoke", dest="scale", action="store_const", const="smoke", help="SmolLM2, 2 steps per run")
-    mode.add_argument("--tiny", dest="scale", action="store_const", const="tiny", help="tiny random model, seconds")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default experiments_out/grpo-<scale>)")
-    parser.add_argument("--docs", type=Path, default=None, help="plot and tables (default: docs/ for --full)")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the plot and table from <out>")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared machine)")
-    args = parser.parse_args(argv)
-    args.scale = args.scale or "full"
-    args.out = args.out or Path("experiments_out") / f"grpo-{args.scale}"
-    args.docs = args.docs or (Path("docs") if args.scale == "full" else args.out / "docs")
-    return args
+    add_scale_arguments(parser, "grpo", "where the plot and results_grpo.md go")
+    add_run_arguments(parser)
+    return resolve_folders(parser.parse_args(argv), "grpo")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    prepare_process(args.threads)
     scale = scale_named(args.scale)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     if not args.report_only:
         run_study(scale, args.out, show_progress=not args.no_progress)
     results = [r for r in load_results(args.out) if r["study"] == STUDY]
-    command = FULL_COMMAND if args.scale == "full" else f"python benchmarks/evidence_grpo.py --{args.scale}"
-    for path in write_grpo_report(results, args.docs, command):
-        print(f"wrote {path}")
-    print(f"{len(results)} finished run(s) in {args.out}")
-    return 0
+    return report(write_grpo_report, results, args, "benchmarks/evidence_grpo.py", FULL_COMMAND)
 
 
 if __name__ == "__main__":

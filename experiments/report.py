@@ -403,20 +403,24 @@ def fill_results_block(page: Path, markdown: str, begin: str = RESULTS_BEGIN, en
     return True
 
 
-def write_report(results: list[dict[str, Any]], docs: str | Path, command: str) -> list[Path]:
-    """Write ``results.md`` and then ``evidence_*.png`` under ``docs`` from whatever runs finished.
-
-    Without matplotlib the table is still written, then an ImportError says how to get the plots.
-    """
+def write_tables(
+    docs: str | Path, name: str, markdown: str, begin: str = RESULTS_BEGIN, end: str = RESULTS_END
+) -> list[Path]:
+    """``docs/<name>`` with ``markdown``, and the block of ``docs/evidence.md`` between ``begin`` and ``end`` if the
+    page has one; return what was written."""
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
-    table = docs / "results.md"
-    markdown = results_markdown(results, command)
+    table = docs / name
     table.write_text(markdown)
     written = [table]
     page = docs / "evidence.md"
-    if page.is_file() and fill_results_block(page, markdown):
+    if page.is_file() and fill_results_block(page, markdown, begin, end):
         written.append(page)
+    return written
+
+
+def use_agg_backend(table: Path) -> None:
+    """Select matplotlib's file backend; without matplotlib, say that ``table`` is written and how to get plots."""
     try:
         import matplotlib
     except ImportError:
@@ -425,6 +429,16 @@ def write_report(results: list[dict[str, Any]], docs: str | Path, command: str) 
             "(or pip install 'trl-ema-plugin[experiments]'), then rerun with --report-only"
         ) from None
     matplotlib.use("Agg")
+
+
+def write_report(results: list[dict[str, Any]], docs: str | Path, command: str) -> list[Path]:
+    """Write ``results.md`` and then ``evidence_*.png`` under ``docs`` from whatever runs finished.
+
+    Without matplotlib the table is still written, then an ImportError says how to get the plots.
+    """
+    docs = Path(docs)
+    written = write_tables(docs, "results.md", results_markdown(results, command))
+    use_agg_backend(written[0])
     grouped = _by_study(results)
     plots = {"sft": plot_sft, "lowdata": plot_lowdata, "dpo": plot_dpo}
     for study, plot in plots.items():
