@@ -3,7 +3,7 @@
 from .averagers import BEMA, DEMA, EMA, OUEMA, Averager, register_averager, registered_methods
 from .config import AveragerSpec, WeightAveragingConfig
 from .config.distillation import SelfDistillationConfig
-from .config.dpo_reference import DPOReferenceConfig
+from .config.reference import DPOReferenceConfig, ReferenceConfig
 from .integrations.trl import WeightAveragingCallback, attach
 from .integrations.trl.distillation import SelfDistillationCallback
 from .integrations.trl.reference import AveragedReferenceCallback, add_reference_adapter
@@ -21,6 +21,7 @@ __all__ = [
     "Averager",
     "AveragerSpec",
     "DPOReferenceConfig",
+    "ReferenceConfig",
     "SelfDistillationCallback",
     "SelfDistillationConfig",
     "WeightAveragingCallback",
