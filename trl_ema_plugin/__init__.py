@@ -3,8 +3,8 @@
 from .averagers import BEMA, DEMA, EMA, OUEMA, Averager, register_averager, registered_methods
 from .config import AveragerSpec, WeightAveragingConfig
 from .config.distillation import SelfDistillationConfig
-from .config.dpo_reference import DPOReferenceConfig
 from .config.posthoc import PostHocEMAConfig
+from .config.reference import DPOReferenceConfig, ReferenceConfig
 from .integrations.trl import WeightAveragingCallback, attach
 from .integrations.trl.distillation import SelfDistillationCallback
 from .integrations.trl.posthoc import PostHocEMACallback
@@ -25,6 +25,7 @@ __all__ = [
     "DPOReferenceConfig",
     "PostHocEMACallback",
     "PostHocEMAConfig",
+    "ReferenceConfig",
     "SelfDistillationCallback",
     "SelfDistillationConfig",
     "WeightAveragingCallback",

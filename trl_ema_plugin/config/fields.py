@@ -1,6 +1,6 @@
 """What the config models accept, read from the models themselves: keywords, their locations, allowed values.
 
-A model may write a nested model *flat*: ``DPOReferenceConfig(lag=2)`` sets ``averager.lag``. It says so in
+A model may write a nested model *flat*: ``ReferenceConfig(lag=2)`` sets ``averager.lag``. It says so in
 ``flattened_fields`` (field → the nested fields that the outer model sets itself, e.g. ``method``). Every front
 end (Python keywords, Axolotl's flat YAML keys, error messages) reads the keywords from :func:`keywords`, so a
 flattened field is spelled the same way everywhere.
