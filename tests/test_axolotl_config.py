@@ -451,7 +451,8 @@ def test_every_reference_key_has_its_earlier_spelling():
     assert DPO_REFERENCE is RL_REFERENCE and DPOReferenceConfig is ReferenceConfig
     canonical = [k for k in RL_REFERENCE.keys if k.startswith("rl_reference_")]
     earlier = [k for k in RL_REFERENCE.keys if k.startswith("dpo_reference_")]
-    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 17  # all but the switch's method
+    # all but the switch's method (18 since power_ema brought sigma_rel)
+    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 18
     for key in earlier:
         same = "rl_reference" + key.removeprefix("dpo_reference")
         assert RL_REFERENCE.keys[key].alias_of == (RL_REFERENCE.keys[same].alias_of or same)
