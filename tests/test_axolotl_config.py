@@ -27,6 +27,7 @@ from trl_ema_plugin.config.flat_keys import (
     flat_args_model,
     flat_from_config,
     flat_from_weight_averaging_config,
+    posthoc_ema_config_from_flat,
     reference_config_from_flat,
     self_distillation_config_from_flat,
     weight_averaging_config_from_flat,
@@ -46,6 +47,7 @@ GPU_EXAMPLES = [
     "fsdp2_lora_bema.yml",
     "sft_lora_bema_self_distill.yml",
 ]
+POSTHOC_EXAMPLES = ["sft_lora_posthoc_ema.yml", "cpu/sft_lora_posthoc_ema.yml"]  # no online averager: snapshots only
 CPU_EXAMPLES = [
     "cpu/sft_lora_bema.yml",
     "cpu/dpo_bema.yml",
@@ -54,7 +56,7 @@ CPU_EXAMPLES = [
     "cpu/zero3_lora_bema.yml",
     "cpu/sft_lora_bema_self_distill.yml",
 ]
-OUR_PREFIXES = ("weight_averaging", "self_distillation", "rl_reference", "dpo_reference")
+OUR_PREFIXES = ("weight_averaging", "self_distillation", "rl_reference", "dpo_reference", "posthoc_ema")
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 
 
@@ -284,8 +286,17 @@ def _axolotl_validate(cfg: dict, gpu: bool):
     return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
 
 
+@pytest.mark.parametrize("name", POSTHOC_EXAMPLES)
+def test_posthoc_example_holds_valid_keys(name):
+    cfg = load_yaml(EXAMPLES / name)
+    config = posthoc_ema_config_from_flat(cfg)
+    dtype = "float32" if name.startswith("cpu/") else "bfloat16"  # the CPU twin's tests compare to fp32 rounding
+    assert (config.sigma_rels, config.dtype) == ([0.05, 0.10], dtype)
+    assert weight_averaging_config_from_flat(cfg) is None
+
+
 @pytest.mark.axolotl
-@pytest.mark.parametrize("name", GPU_EXAMPLES + CPU_EXAMPLES)
+@pytest.mark.parametrize("name", GPU_EXAMPLES + POSTHOC_EXAMPLES + CPU_EXAMPLES)
 def test_example_configs_pass_axolotl_validation(name):
     """The GPU YAMLs are validated offline, as Axolotl would on an H100 (no download, no training)."""
     cfg = load_yaml(EXAMPLES / name)
@@ -295,6 +306,7 @@ def test_example_configs_pass_axolotl_validation(name):
     assert weight_averaging_config_from_flat(validated) == weight_averaging_config_from_flat(cfg)
     assert self_distillation_config_from_flat(validated) == self_distillation_config_from_flat(cfg)
     assert reference_config_from_flat(validated) == reference_config_from_flat(cfg)
+    assert posthoc_ema_config_from_flat(validated) == posthoc_ema_config_from_flat(cfg)
 
 
 THROUGH_AXOLOTL = [
@@ -439,7 +451,8 @@ def test_every_reference_key_has_its_earlier_spelling():
     assert DPO_REFERENCE is RL_REFERENCE and DPOReferenceConfig is ReferenceConfig
     canonical = [k for k in RL_REFERENCE.keys if k.startswith("rl_reference_")]
     earlier = [k for k in RL_REFERENCE.keys if k.startswith("dpo_reference_")]
-    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 17  # all but the switch's method
+    # all but the switch's method (18 since power_ema brought sigma_rel)
+    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 18
     for key in earlier:
         same = "rl_reference" + key.removeprefix("dpo_reference")
         assert RL_REFERENCE.keys[key].alias_of == (RL_REFERENCE.keys[same].alias_of or same)
@@ -451,7 +464,7 @@ REFERENCE_BAD = {
     "unknown rule (rl_reference)": (
         {"rl_reference": "bemx"},
         "rl_reference='bemx': not a reference update rule, true or false; did you mean 'bema'? "
-        "(allowed: bema | dema | ema | ouema | tr_dpo",
+        "(allowed: bema | dema | ema | ouema | power_ema | tr_dpo",
     ),
     "key of another method (rl_reference)": (
         {"rl_reference": "bema", "rl_reference_decay": 0.5},
@@ -495,7 +508,7 @@ DPO_REFERENCE_BAD = {
     "unknown rule": (
         {"dpo_reference": "bemx"},
         "dpo_reference='bemx': not a reference update rule, true or false; did you mean 'bema'? "
-        "(allowed: bema | dema | ema | ouema | tr_dpo",
+        "(allowed: bema | dema | ema | ouema | power_ema | tr_dpo",
     ),
     "key of another method": (
         {"dpo_reference": "bema", "dpo_reference_decay": 0.5},

@@ -1,7 +1,7 @@
 """``axolotl train`` for real, on CPU, with the plugin: SFT + LoRA + BEMA, ``rl: dpo``, ``rl: grpo`` (a reward
 function module by dotted path, on-policy self-distillation) and ``rl: kto`` with a BEMA reference and a BEMA
-average, ZeRO-3 on 2 processes, a bad key, and ``axolotl ema-export``. The configs are the CPU twins in
-``example_configs/cpu/``, run as written in a folder that holds a tiny Llama and local jsonl data.
+average, ZeRO-3 on 2 processes, SFT + LoRA recording post-hoc EMA snapshots, a bad key, and ``axolotl
+ema-export``. The configs are the CPU twins in ``example_configs/cpu/``, run as written in a folder that holds a tiny Llama and local jsonl data.
 
 Every run saves a checkpoint per step, so the test rebuilds BEMA by hand from the recorded
 adapters θ_1..θ_T and compares it with the ``averaged/`` adapter the plugin wrote:
@@ -179,6 +179,46 @@ def test_sft_self_distillation_from_the_bema_teacher(workspace):
             assert h["loss/distill"] > 0.0
     # the averaged adapter is still BEMA of the (distilled) trajectory; the teacher adapter is not exported
     assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
+
+
+def test_sft_lora_posthoc_ema_snapshots_and_export(workspace):
+    """``posthoc_ema`` keys alone (no online averager): the snapshots hold the power EMAs of the recorded adapters
+    θ_1..θ_6 (the checkpoints), and ``axolotl ema-export --posthoc-sigma-rel`` writes the synthesized adapter."""
+    from trl_ema_plugin.posthoc import list_snapshots, read_theta0, synthesize
+    from trl_ema_plugin.posthoc.snapshots import THETA, profile_name
+
+    config = CPU_CONFIGS / "sft_lora_posthoc_ema.yml"
+    cfg = yaml.safe_load(config.read_text())
+    axolotl("train", str(config), cwd=workspace)
+    run = workspace / cfg["output_dir"]
+    start, last = cfg["posthoc_ema_update_after"], cfg["max_steps"]
+    trajectory = {t: adapter_at(run, t) for t in range(start, last + 1)}
+    assert not (run / "averaged").exists()
+    snapshots = list_snapshots(run)
+    assert [s.global_step for s in snapshots] == [3, 5, 6]
+
+    def stored(path: Path, buffer: str) -> dict[str, torch.Tensor]:
+        return {
+            k.split("/", 1)[1].replace(".default", ""): v
+            for k, v in load_file(path).items()
+            if k.startswith(f"{buffer}/")
+        }
+
+    assert all(torch.equal(v, trajectory[start][k]) for k, v in stored(read_theta0(run).path, THETA).items())
+    for snapshot in snapshots:
+        for sigma_rel in cfg["posthoc_ema_sigma_rels"]:
+            ema = stored(snapshot.path, profile_name(sigma_rel))
+            hand = oracles.power_ema(trajectory, sigma_rel=sigma_rel, update_after=start, at=snapshot.global_step)
+            assert ema.keys() == hand.keys() and len(ema) == 28  # 7 linears x 2 layers x (A, B)
+            for key, tensor in ema.items():
+                torch.testing.assert_close(tensor.double(), hand[key], rtol=1e-6, atol=1e-7)
+
+    axolotl("ema-export", str(config), "--posthoc-sigma-rel", "0.07", cwd=workspace)
+    exported = run / "ema-posthoc"
+    expected = {k.replace(".default", ""): v for k, v in synthesize(run, 0.07).items()}
+    written = load_file(exported / "adapter_model.safetensors")
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
+    assert_loads_with_peft_and_differs(workspace, exported, trajectory[last])
 
 
 def reference_is_the_averaged_policy(cfg: dict) -> None:

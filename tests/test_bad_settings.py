@@ -1,7 +1,7 @@
 """A table of bad settings, each rejected before training with one message: the key as the user spelled it, the
 value, and the allowed values (or a did-you-mean for an unknown key).
 
-* ``PYTHON``: keyword arguments of the three callbacks and of the config classes (and assignments to them);
+* ``PYTHON``: keyword arguments of the four callbacks and of the config classes (and assignments to them);
 * ``YAML``: Axolotl YAML snippets, through our args model (the flat keys, on every stack) and through
   Axolotl's own config validation with the plugin listed (axolotl stack).
 
@@ -23,6 +23,8 @@ from trl_ema_plugin import (
     AveragedReferenceCallback,
     AveragerSpec,
     DPOReferenceConfig,
+    PostHocEMACallback,
+    PostHocEMAConfig,
     ReferenceConfig,
     SelfDistillationCallback,
     SelfDistillationConfig,
@@ -33,11 +35,12 @@ from trl_ema_plugin.config.errors import NO_VALUE
 from trl_ema_plugin.integrations.axolotl.args import TrlEmaPluginArgs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_configs" / "cpu"
-OUR_PREFIXES = ("weight_averaging", "self_distillation", "rl_reference", "dpo_reference")
+OUR_PREFIXES = ("weight_averaging", "self_distillation", "rl_reference", "dpo_reference", "posthoc_ema")
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 INF, NAN = math.inf, math.nan
-METHODS = "bema | dema | ema | ouema"
+METHODS = "bema | dema | ema | ouema | power_ema"
 BEMA_TAKES = "bias_power, ema_power, lag, min_ema_multiplier, multiplier"
+SIGMA_RELS = "non-empty list of numbers > 0.0 and ≤ 0.2886751345948129"
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ def sd(key: str, value: Any = NO_VALUE, hint: str = "", says: str = "", **kwargs
 def ref(key: str, value: Any = NO_VALUE, hint: str = "", says: str = "", **kwargs: Any) -> PythonBad:
     """An AveragedReferenceCallback case."""
     return PythonBad(key, value, hint, says, build=call(ARC, **kwargs))
+
+
+def ph(key: str, value: Any = NO_VALUE, hint: str = "", says: str = "", **kwargs: Any) -> PythonBad:
+    """A PostHocEMACallback case."""
+    return PythonBad(key, value, hint, says, build=call(PostHocEMACallback, **kwargs))
 
 
 ENTRY = {"method": "ema"}
@@ -245,6 +253,30 @@ PYTHON: dict[str, PythonBad] = {
     "ref: misspelled lag": ref("lagg", 2, "did you mean lag?", method="bema", lagg=2),
     "ref: averager beside its fields": ref("lag", 2, "one of them", method="bema", lag=2, averager=AveragerSpec(method="bema")),
     "ref: options of a built-in averager": ref("options", {"foo": 1}, "ema takes no options", method="ema", options={"foo": 1}),
+    # ------------------------------------------------------------------ the power-function EMA, and post-hoc EMA
+    "wa: sigma_rel above 1/√12": wa("sigma_rel", 0.3, "number > 0.0 and ≤ 0.2886", method="power_ema", sigma_rel=0.3),
+    "wa: sigma_rel 0": wa("sigma_rel", 0.0, "number > 0.0", method="power_ema", sigma_rel=0.0),
+    "wa: sigma_rel on ema": wa("sigma_rel", 0.1, "decay", "does not apply to method='ema'", method="ema", sigma_rel=0.1),
+    "wa: decay on power_ema": wa("decay", 0.9, "sigma_rel", "does not apply to method='power_ema'", method="power_ema", decay=0.9),
+    "ph: sigma_rels entry out of range": ph("sigma_rels[1]", 0.5, SIGMA_RELS, sigma_rels=[0.05, 0.5]),
+    "ph: sigma_rels entry 0": ph("sigma_rels[0]", 0.0, SIGMA_RELS, sigma_rels=[0.0]),
+    "ph: sigma_rels entry as a string": ph("sigma_rels[0]", "0.05", SIGMA_RELS, "without quotes", sigma_rels=["0.05"]),
+    "ph: sigma_rels entry nan": ph("sigma_rels[0]", NAN, SIGMA_RELS, "finite", sigma_rels=[NAN]),
+    "ph: sigma_rels entry True": ph("sigma_rels[0]", True, SIGMA_RELS, "got a bool", sigma_rels=[True]),
+    "ph: sigma_rels a number": ph("sigma_rels", 0.05, SIGMA_RELS, "got a float", sigma_rels=0.05),
+    "ph: sigma_rels empty": ph("sigma_rels", [], SIGMA_RELS, sigma_rels=[]),
+    "ph: sigma_rels repeated": ph("sigma_rels", [0.1, 0.1], "distinct numbers", "repeats 0.1", sigma_rels=[0.1, 0.1]),
+    "ph: every 0": ph("every", 0, "integer ≥ 1, or unset", every=0),
+    "ph: every 2.5": ph("every", 2.5, "integer ≥ 1", every=2.5),
+    "ph: update_every 0": ph("update_every", 0, "integer ≥ 1", update_every=0),
+    "ph: update_after negative": ph("update_after", -1, "integer ≥ 0", update_after=-1),
+    "ph: dtype float64": ph("dtype", "float64", "float32 | bfloat16 | float16", dtype="float64"),
+    "ph: keep_weights 'yes'": ph("keep_weights", "yes", "true | false", keep_weights="yes"),
+    "ph: offload 1": ph("offload", 1, "true | false", offload=1),
+    "ph: singular sigma_rel": ph("sigma_rel", 0.05, "did you mean sigma_rels?", sigma_rel=0.05),
+    "ph: misspelled every": ph("evrey", 2, "did you mean every?", evrey=2),
+    "config: PostHocEMAConfig every True": PythonBad("every", True, "integer ≥ 1", build=call(PostHocEMAConfig, every=True)),
+    "assign: sigma_rels out of range": PythonBad("sigma_rels[0]", 0.4, SIGMA_RELS, build=assign(PostHocEMAConfig, "sigma_rels", [0.4])),
     # ------------------------------------------------------------------ config classes, and assignments
     "config: AveragerSpec lag inf": PythonBad("lag", INF, "number ≥ 0.0", build=call(AveragerSpec, method="bema", lag=INF)),
     "config: WeightAveragingConfig without averagers": PythonBad("averagers", NO_VALUE, "non-empty list", "Field required", build=call(WeightAveragingConfig)),
@@ -306,6 +338,7 @@ def y(text: str, key: str, value: Any = NO_VALUE, hint: str = "", says: str = ""
 WA = "weight_averaging: ema\n"
 SD = "weight_averaging: ema\nself_distillation: true\n"
 LIST = "weight_averaging: true\nweight_averaging_averagers:\n"
+PH = "posthoc_ema: true\n"
 YAML: dict[str, YamlBad] = {
     # ------------------------------------------------------------------ the switch
     "unknown method": y("weight_averaging: swa", "weight_averaging", "swa", METHODS + " | true | false"),
@@ -384,8 +417,23 @@ YAML: dict[str, YamlBad] = {
     "reference in an SFT run": y("dpo_reference: bema", "dpo_reference", "bema", "rl: dpo"),
     "reference with precomputed log-probs": y("dpo_reference: bema\nprecompute_ref_log_probs: true", "dpo_reference", "bema", "precompute_ref_log_probs: false", base="dpo"),
     "reference with trl.sync_ref_model": y("dpo_reference: bema\ntrl: {sync_ref_model: true}", "trl.sync_ref_model", True, "dpo_reference: tr_dpo", base="dpo"),
+    # ------------------------------------------------------------------ the power-function EMA, and post-hoc EMA
+    "power_ema sigma_rel above 1/√12": y("weight_averaging: power_ema\nweight_averaging_sigma_rel: 0.5", "weight_averaging_sigma_rel", 0.5, "≤ 0.2886"),
+    "sigma_rel on ema": y(WA + "weight_averaging_sigma_rel: 0.1", "weight_averaging_sigma_rel", 0.1, "weight_averaging_decay"),
+    "post-hoc switch 'yes'": y("posthoc_ema: 'yes'", "posthoc_ema", "yes", "true | false"),
+    "post-hoc switch misspelled": y("posthoc_emma: true", "posthoc_emma", True, "did you mean posthoc_ema?"),
+    "post-hoc key misspelled": y(PH + "posthoc_ema_evry: 2", "posthoc_ema_evry", 2, "did you mean posthoc_ema_every?"),
+    "post-hoc singular sigma_rel": y(PH + "posthoc_ema_sigma_rel: 0.1", "posthoc_ema_sigma_rel", 0.1, "did you mean posthoc_ema_sigma_rels?"),
+    "post-hoc key without the switch": y("posthoc_ema_every: 2", "posthoc_ema_every", 2, "with posthoc_ema: true"),
+    "post-hoc sigma_rels entry out of range": y(PH + "posthoc_ema_sigma_rels: [0.05, 0.5]", "posthoc_ema_sigma_rels[1]", 0.5, SIGMA_RELS),
+    "post-hoc sigma_rels 1e-2 (a YAML string)": y(PH + "posthoc_ema_sigma_rels: [1e-2]", "posthoc_ema_sigma_rels[0]", "1e-2", SIGMA_RELS, "write 1.0e-2"),
+    "post-hoc sigma_rels a number": y(PH + "posthoc_ema_sigma_rels: 0.05", "posthoc_ema_sigma_rels", 0.05, SIGMA_RELS),
+    "post-hoc sigma_rels repeated": y(PH + "posthoc_ema_sigma_rels: [0.1, 0.1]", "posthoc_ema_sigma_rels", [0.1, 0.1], "distinct numbers"),
+    "post-hoc every 0": y(PH + "posthoc_ema_every: 0", "posthoc_ema_every", 0, "integer ≥ 1"),
+    "post-hoc dtype fp16": y(PH + "posthoc_ema_dtype: fp16", "posthoc_ema_dtype", "fp16", "float32 | bfloat16 | float16"),
+    "post-hoc keep_weights 'no'": y(PH + "posthoc_ema_keep_weights: 'no'", "posthoc_ema_keep_weights", "no", "true | false"),
     # ------------------------------------------------------------------ RLHF reference (neutral keys) and aliases
-    "rl_reference unknown rule": y("rl_reference: ppo", "rl_reference", "ppo", "bema | dema | ema | ouema | tr_dpo | true | false", base="grpo"),
+    "rl_reference unknown rule": y("rl_reference: ppo", "rl_reference", "ppo", "bema | dema | ema | ouema | power_ema | tr_dpo | true | false", base="grpo"),
     "rl_reference misspelled rule": y("rl_reference: tr-dpo", "rl_reference", "tr-dpo", "did you mean 'tr_dpo'?", base="kto"),
     "rl_refrence misspelled switch": y("rl_refrence: bema", "rl_refrence", "bema", "did you mean rl_reference?", base="grpo"),
     "rl_reference key misspelled": y("rl_reference: bema\nrl_reference_lagg: 2", "rl_reference_lagg", 2, "did you mean rl_reference_lag?", base="kto"),

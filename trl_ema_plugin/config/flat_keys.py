@@ -33,6 +33,7 @@ from .averaging import AveragerSpec, WeightAveragingConfig, top_fields
 from .distillation import SelfDistillationConfig
 from .errors import SettingError, did_you_mean, explain, raw_errors, unknown_key
 from .fields import Keyword, Loc, accepted_names, is_model, keywords, spelled, strip_none
+from .posthoc import PostHocEMAConfig
 from .reference import ReferenceConfig, reference_methods
 
 
@@ -526,12 +527,29 @@ def reference_config_from_flat(cfg: Mapping[str, Any] | Any) -> ReferenceConfig 
 dpo_reference_config_from_flat = reference_config_from_flat
 
 
+# ------------------------------------------------------------------------- post-hoc EMA
+POSTHOC_EMA = FlatFamily(
+    prefix="posthoc_ema",
+    models=(PostHocEMAConfig,),
+    description=(
+        "true: record power-function EMAs as snapshots in output_dir/posthoc/, to synthesize the EMA of any "
+        "σ_rel after training (ema-export --posthoc-sigma-rel); false or unset: off"
+    ),
+)
+
+
+def posthoc_ema_config_from_flat(cfg: Mapping[str, Any] | Any) -> PostHocEMAConfig | None:
+    """The :class:`PostHocEMAConfig` that ``posthoc_ema*`` keys describe, or None when off."""
+    return config_from_flat(POSTHOC_EMA, cfg)
+
+
 # ----------------------------------------------------------------- registry and checks
 #: every feature's keys, with the function that turns them into its config object
 FAMILIES: dict[str, tuple[FlatFamily, Callable[[Any], Any]]] = {
     WEIGHT_AVERAGING.prefix: (WEIGHT_AVERAGING, weight_averaging_config_from_flat),
     SELF_DISTILLATION.prefix: (SELF_DISTILLATION, self_distillation_config_from_flat),
     RL_REFERENCE.prefix: (RL_REFERENCE, reference_config_from_flat),
+    POSTHOC_EMA.prefix: (POSTHOC_EMA, posthoc_ema_config_from_flat),
 }
 
 

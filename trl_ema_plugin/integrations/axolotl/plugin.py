@@ -5,8 +5,9 @@ Hooks, in the order Axolotl calls them:
 * ``get_input_args``: the pydantic model of our keys, validated with Axolotl's config;
 * ``add_callbacks_post_trainer(cfg, trainer)``: a :class:`WeightAveragingCallback` built from
   the ``weight_averaging*`` keys, a :class:`SelfDistillationCallback` from the
-  ``self_distillation*`` keys (SFT, ``rl: dpo | ipo | grpo | gdpo``) and an :class:`AveragedReferenceCallback`
-  from the ``rl_reference*`` keys (or their aliases ``dpo_reference*``; ``rl: dpo | ipo | kto | grpo | gdpo``);
+  ``self_distillation*`` keys (SFT, ``rl: dpo | ipo | grpo | gdpo``), an :class:`AveragedReferenceCallback`
+  from the ``rl_reference*`` keys (or their aliases ``dpo_reference*``; ``rl: dpo | ipo | kto | grpo | gdpo``)
+  and a :class:`PostHocEMACallback` from the ``posthoc_ema*`` keys;
 * ``post_trainer_create(cfg, trainer)``: :func:`trl_ema_plugin.attach` hands the trainer to every
   feature's callback (full averaged evaluation metrics, resume from any path, the teacher adapter,
   the distillation loss term, the ``"ref"`` adapter), before ``trainer.train()`` builds a DeepSpeed
@@ -25,6 +26,7 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 
 from ...config.flat_keys import (
+    posthoc_ema_config_from_flat,
     reference_config_from_flat,
     self_distillation_config_from_flat,
     weight_averaging_config_from_flat,
@@ -32,6 +34,7 @@ from ...config.flat_keys import (
 from ..trl import WeightAveragingCallback, attach
 from ..trl.attach import plugin_callbacks
 from ..trl.distillation import SelfDistillationCallback
+from ..trl.posthoc import PostHocEMACallback
 from ..trl.reference import AveragedReferenceCallback
 from .args import ARGS_PATH
 
@@ -39,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 
 class WeightAveragingPlugin(BasePlugin):
-    """Weight averaging, self-distillation and a moving RLHF reference for ``axolotl train``, set by YAML keys."""
+    """Weight averaging, self-distillation, a moving RLHF reference and post-hoc EMA for ``axolotl train``, by YAML
+    keys."""
 
     def get_input_args(self) -> str:
         return ARGS_PATH
@@ -59,6 +63,10 @@ class WeightAveragingPlugin(BasePlugin):
         if reference is not None:
             logger.info("trl_ema_plugin: the reference adapter ('ref') follows %s (rl: %s)", reference.method, cfg.rl)
             callbacks.append(AveragedReferenceCallback(config=reference))
+        posthoc = posthoc_ema_config_from_flat(cfg)
+        if posthoc is not None:
+            logger.info("trl_ema_plugin: post-hoc EMA snapshots of sigma_rel %s", posthoc.sigma_rels)
+            callbacks.append(PostHocEMACallback(config=posthoc))
         return callbacks
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
