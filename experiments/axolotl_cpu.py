@@ -4,8 +4,9 @@
     cd WORKDIR && axolotl train /path/to/example_configs/cpu/sft_lora_bema.yml
 
 writes ``tiny-llama/`` (a 2-layer Llama and its byte-level tokenizer, ``save_pretrained``),
-``sft.jsonl`` (``{"text"}`` rows), ``dpo.jsonl`` (``{"prompt", "chosen", "rejected"}`` rows) and
-``deepspeed_zero3.json`` (ZeRO-3 for 2 CPU processes), the relative paths those configs name.
+``sft.jsonl`` (``{"text"}`` rows), ``dpo.jsonl`` (``{"prompt", "chosen", "rejected"}`` rows), ``prompts.jsonl``
+(``{"prompt"}`` rows for ``rl: grpo``), ``kto.jsonl`` (``{"prompt", "completion", "label"}`` rows for ``rl: kto``)
+and ``deepspeed_zero3.json`` (ZeRO-3 for 2 CPU processes), the relative paths those configs name.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ import json
 import sys
 from pathlib import Path
 
-from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_sft_dataset, tiny_tokenizer
+from trl_ema_plugin.demos.tiny import (
+    tiny_dpo_dataset,
+    tiny_kto_dataset,
+    tiny_llama,
+    tiny_prompt_dataset,
+    tiny_sft_dataset,
+    tiny_tokenizer,
+)
 
 MODEL_FOLDER = "tiny-llama"
 SFT_DATA = "sft.jsonl"
 DPO_DATA = "dpo.jsonl"
+PROMPT_DATA = "prompts.jsonl"
+KTO_DATA = "kto.jsonl"
 DEEPSPEED_CONFIG = "deepspeed_zero3.json"
 
 #: ZeRO-3 on CPU processes. No ``train_batch_size``: "auto" fails DeepSpeed's batch check under
@@ -42,7 +52,7 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 
 def prepare_cpu_workspace(folder: str | Path, sft_rows: int = 64, dpo_rows: int = 32, seed: int = 0) -> Path:
-    """Write the tiny model, its tokenizer, both datasets and the ZeRO-3 config into ``folder``; return it."""
+    """Write the tiny model, its tokenizer, the datasets and the ZeRO-3 config into ``folder``; return it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()
@@ -51,6 +61,8 @@ def prepare_cpu_workspace(folder: str | Path, sft_rows: int = 64, dpo_rows: int 
     tokenizer.save_pretrained(str(folder / MODEL_FOLDER))
     write_jsonl(tiny_sft_dataset(sft_rows, seed=seed).to_list(), folder / SFT_DATA)
     write_jsonl(tiny_dpo_dataset(dpo_rows, seed=seed).to_list(), folder / DPO_DATA)
+    write_jsonl(tiny_prompt_dataset(dpo_rows, seed=seed).to_list(), folder / PROMPT_DATA)
+    write_jsonl(tiny_kto_dataset(dpo_rows, seed=seed).to_list(), folder / KTO_DATA)
     (folder / DEEPSPEED_CONFIG).write_text(json.dumps(ZERO3_CPU, indent=2))
     return folder
 

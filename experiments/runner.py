@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from datasets import Dataset
@@ -26,10 +26,24 @@ from trl_ema_plugin.integrations.trl import WeightAveragingCallback, attach
 from .stdlib_data import stdlib_dpo_dataset, stdlib_sft_dataset
 
 MODELS = ("smollm2", "tiny")
+ScaleT = TypeVar("ScaleT")
+
+
+class ModelScale:
+    """Base of the scale dataclasses: ``model`` names one of :data:`MODELS`; ``as_dict`` for the run records."""
+
+    model: str
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r}; allowed values: {', '.join(MODELS)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
-class Scale:
+class Scale(ModelScale):
     """Sizes of a study run. ``full`` is the documented run; ``smoke`` and ``tiny`` only check that it works."""
 
     name: str
@@ -59,13 +73,6 @@ class Scale:
     dpo_learning_rate: float = 1e-4
     dpo_beta: float = 0.1
 
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r}; allowed values: {', '.join(MODELS)}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 PRESETS: dict[str, Scale] = {
     "full": Scale("full"),
@@ -81,11 +88,16 @@ PRESETS: dict[str, Scale] = {
 }  # fmt: skip
 
 
-def scale_named(name: str) -> Scale:
+def named_preset(presets: dict[str, ScaleT], name: str) -> ScaleT:
+    """``presets[name]``, or an error naming the allowed scales."""
     try:
-        return PRESETS[name]
+        return presets[name]
     except KeyError:
-        raise ValueError(f"scale={name!r}; allowed values: {', '.join(PRESETS)}") from None
+        raise ValueError(f"scale={name!r}; allowed values: {', '.join(presets)}") from None
+
+
+def scale_named(name: str) -> Scale:
+    return named_preset(PRESETS, name)
 
 
 # ------------------------------------------------------------------------------ model and data

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,20 +202,22 @@ def _holder_alive(lock: Path) -> bool:
     return True
 
 
-def run_studies(
-    scale: Scale, out: str | os.PathLike[str], studies: tuple[str, ...] = STUDIES, show_progress: bool = True
+def run_planned(
+    runs: list[PlannedRun],
+    scale: Any,
+    out: Path,
+    execute_run: Callable[[PlannedRun, Any], dict[str, Any]],
+    show_progress: bool = True,
 ) -> list[Path]:
-    """Run every planned run that ``out`` does not hold yet; return the result files.
+    """Run each of ``runs`` that ``out`` does not hold yet; return the result files.
 
-    Each run is checked again just before it starts, and locked while it runs, so two processes
-    (e.g. ``--studies sft`` and ``--studies dpo``) can share one output folder.
+    ``execute_run(run, progress_bar)`` returns the run's measurements; they are written with the run's settings,
+    the scale and the environment to ``runs/<run id>.json`` (atomically). Each run is checked again just before it
+    starts, and locked while it runs, so two processes can share one output folder.
     """
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    runs = plan(scale, studies)
     check_scale(out, scale)
-    data = DataCache(scale)
     total = sum(r.steps for r in runs)
     done = sum(r.steps for r in runs if result_path(out, r).exists())
     with tqdm(total=total, initial=done, unit="step", disable=not show_progress, dynamic_ncols=True) as bar:
@@ -227,7 +230,7 @@ def run_studies(
             try:
                 bar.set_postfix_str(run.run_id)
                 started = time.time()
-                result = execute(run, scale, data, out / "work", bar)
+                result = execute_run(run, bar)
                 record = {
                     "run_id": run.run_id, "study": run.study, "label": run.label, "seed": run.seed, "steps": run.steps,
                     "settings": run.settings, "scale": scale.as_dict(), "environment": _environment(),
@@ -240,6 +243,18 @@ def run_studies(
             finally:
                 lock.unlink(missing_ok=True)
     return [result_path(out, r) for r in runs]
+
+
+def run_studies(
+    scale: Scale, out: str | os.PathLike[str], studies: tuple[str, ...] = STUDIES, show_progress: bool = True
+) -> list[Path]:
+    """Run every planned run of ``studies`` that ``out`` does not hold yet (:func:`run_planned`); return the
+    result files. Two processes (e.g. ``--studies sft`` and ``--studies dpo``) can share one output folder."""
+    out = Path(out)
+    data = DataCache(scale)
+    return run_planned(
+        plan(scale, studies), scale, out, lambda run, bar: execute(run, scale, data, out / "work", bar), show_progress
+    )
 
 
 def load_results(out: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -10,8 +10,8 @@ Every oracle takes the settings of an averager under the package's names and def
 * cadence (``AveragerSpec``): averaging starts at τ = ``update_after`` (θ_0 = EMA_0 = θ_τ), then updates
   at every t > τ with (t − τ) % ``update_every`` == 0; the output at T = ``at`` (default: the last
   recorded step) uses the updates t ≤ T;
-* its hyper-parameters (:class:`Decay` for EMA, :class:`Schedule` for BEMA, DEMA, OUEMA); an unknown
-  name is an error;
+* its hyper-parameters (:class:`Decay` for EMA, :class:`Schedule` for BEMA, DEMA, OUEMA, ``sigma_rel`` for the
+  power-function EMA); an unknown name is an error;
 * ``resume``: continue from the state saved at step s (τ or an update step), ``{"step": s, <buffer>:
   weights}`` with the buffer names of ``averager_state.safetensors`` (``theta0``, ``ema``, ``ema_of_ema``);
 * ``dtype``: float64 by default; ``torch.float32`` replays the averagers' own order of operations
@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,6 +81,7 @@ class _Run:
         resume: Mapping[str, Any] = settings.pop("resume", None) or {"step": update_after}
         self.dtype: torch.dtype = settings.pop("dtype", torch.float64)
         self.trajectory, self.hyperparameters = trajectory, settings
+        self.update_after = update_after
         self.first = resume["step"]
         if self.at < self.first:
             raise ValueError(f"the output at step {self.at} precedes the start of averaging (step {self.first})")
@@ -172,7 +174,54 @@ def tr_dpo(
     return run.output(reference)
 
 
-ORACLES: dict[str, Callable[..., Weights]] = {"ema": ema, "bema": bema, "dema": dema, "ouema": ouema}
+# ------------------------------------------------------------------ the power-function EMA and post-hoc EMA (EDM2)
+def gamma_of(sigma_rel: float) -> float:
+    """EDM2's exponent γ of a relative width σ_rel: the largest real root of
+    γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²) = 0, by numpy."""
+    s = sigma_rel**-2
+    return float(np.roots([1, 7, 16 - s, 12 - s]).real.max())
+
+
+def power_ema(trajectory: Trajectory, sigma_rel: float = 0.05, **settings: Any) -> Weights:
+    """θ̂ ← β_t·θ̂ + (1 − β_t)·θ_t at each update t, β_t = (1 − Δ/(t − τ))^(γ+1), Δ = t − the previous update
+    (τ = ``update_after``, θ̂ = θ_τ at the start), γ = :func:`gamma_of` (σ_rel)."""
+    run = _Run(trajectory, settings)
+    if run.hyperparameters:
+        raise TypeError(f"power_ema takes sigma_rel, not {sorted(run.hyperparameters)}")
+    gamma, average, last = gamma_of(sigma_rel), run.initial("ema"), run.first
+    for t in run.updates:
+        beta = (1.0 - (t - last) / (t - run.update_after)) ** (gamma + 1.0)
+        average, last = _lerp(average, run.theta(t), 1.0 - beta), t
+    return run.output(average)
+
+
+def profile_product(t_a: float, g_a: float, t_b: float, g_b: float) -> float:
+    """⟨f_a, f_b⟩ = ∫_0^min(t_a,t_b) (g_a+1) τ^g_a / t_a^(g_a+1) · (g_b+1) τ^g_b / t_b^(g_b+1) dτ, integrated by hand."""
+    m = min(t_a, t_b)
+    return (g_a + 1) * (g_b + 1) * m ** (g_a + g_b + 1) / ((g_a + g_b + 1) * t_a ** (g_a + 1) * t_b ** (g_b + 1))
+
+
+def posthoc_weights(inputs: Sequence[tuple[float, float]], t_out: float, sigma_out: float) -> np.ndarray:
+    """x with Σ x_i f_i closest to f_(t_out, σ_out) in L2, normalised to Σx = 1: ``np.linalg.solve`` of the Gram
+    system of :func:`profile_product` in float64 (inputs: (t_i, σ_rel_i))."""
+    gammas = [(t, gamma_of(s)) for t, s in inputs]
+    gram = np.array([[profile_product(ta, ga, tb, gb) for tb, gb in gammas] for ta, ga in gammas])
+    rhs = np.array([profile_product(ta, ga, t_out, gamma_of(sigma_out)) for ta, ga in gammas])
+    x = np.linalg.solve(gram, rhs)
+    return x / x.sum()
+
+
+def exact_power_ema(trajectory64: np.ndarray, t: int, gamma: float, start: int = 0) -> np.ndarray:
+    """EDM2's power-function EMA at t (steps after ``start``) of rows θ_j of ``trajectory64``, exactly: θ_j weighted
+    by (j/t)^(γ+1) − ((j−1)/t)^(γ+1), the profile (γ+1) τ^γ / t^(γ+1) integrated over (j−1, j]."""
+    j = np.arange(1, t + 1, dtype=np.float64)
+    w = (j / t) ** (gamma + 1) - ((j - 1) / t) ** (gamma + 1)
+    return w @ trajectory64[start + 1 : start + t + 1]
+
+
+ORACLES: dict[str, Callable[..., Weights]] = {
+    "ema": ema, "bema": bema, "dema": dema, "ouema": ouema, "power_ema": power_ema,
+}  # fmt: skip
 
 
 def averaged(trajectory: Trajectory, spec: Mapping[str, Any], **options: Any) -> Weights:

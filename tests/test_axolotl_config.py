@@ -15,10 +15,11 @@ from pydantic import ValidationError
 
 from trl_ema_plugin.config import AveragerSpec, WeightAveragingConfig
 from trl_ema_plugin.config.distillation import SelfDistillationConfig
-from trl_ema_plugin.config.dpo_reference import DPOReferenceConfig
+from trl_ema_plugin.config.fields import keywords
 from trl_ema_plugin.config.flat_keys import (
     DPO_REFERENCE,
     FAMILIES,
+    RL_REFERENCE,
     SELF_DISTILLATION,
     WEIGHT_AVERAGING,
     check_flat_keys,
@@ -26,10 +27,13 @@ from trl_ema_plugin.config.flat_keys import (
     flat_args_model,
     flat_from_config,
     flat_from_weight_averaging_config,
+    posthoc_ema_config_from_flat,
+    reference_config_from_flat,
     self_distillation_config_from_flat,
     weight_averaging_config_from_flat,
 )
 from trl_ema_plugin.config.flat_table import config_table_markdown
+from trl_ema_plugin.config.reference import DPOReferenceConfig, ReferenceConfig
 from trl_ema_plugin.integrations.trl import WeightAveragingCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +41,22 @@ EXAMPLES = ROOT / "example_configs"
 GPU_EXAMPLES = [
     "sft_lora_bema.yml",
     "dpo_bema.yml",
+    "grpo_bema.yml",
+    "kto_bema.yml",
     "zero3_lora_bema.yml",
     "fsdp2_lora_bema.yml",
     "sft_lora_bema_self_distill.yml",
 ]
+POSTHOC_EXAMPLES = ["sft_lora_posthoc_ema.yml", "cpu/sft_lora_posthoc_ema.yml"]  # no online averager: snapshots only
 CPU_EXAMPLES = [
     "cpu/sft_lora_bema.yml",
     "cpu/dpo_bema.yml",
+    "cpu/grpo_bema.yml",
+    "cpu/kto_bema.yml",
     "cpu/zero3_lora_bema.yml",
     "cpu/sft_lora_bema_self_distill.yml",
 ]
-OUR_PREFIXES = ("weight_averaging", "self_distillation", "dpo_reference")
+OUR_PREFIXES = ("weight_averaging", "self_distillation", "rl_reference", "dpo_reference", "posthoc_ema")
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 
 
@@ -258,6 +267,9 @@ def test_example_configs_hold_valid_keys(name):
     assert cfg["plugins"] == ["trl_ema_plugin.integrations.axolotl.WeightAveragingPlugin"]
     config = weight_averaging_config_from_flat(cfg)
     assert config.primary.method == "bema" and config.primary.update_every == 1
+    if cfg.get("rl"):  # every RLHF example moves its reference, under the neutral keys
+        assert reference_config_from_flat(cfg).method == "bema"
+        assert not any(k.startswith("dpo_reference") for k in cfg)
 
 
 def _axolotl_validate(cfg: dict, gpu: bool):
@@ -274,8 +286,17 @@ def _axolotl_validate(cfg: dict, gpu: bool):
     return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
 
 
+@pytest.mark.parametrize("name", POSTHOC_EXAMPLES)
+def test_posthoc_example_holds_valid_keys(name):
+    cfg = load_yaml(EXAMPLES / name)
+    config = posthoc_ema_config_from_flat(cfg)
+    dtype = "float32" if name.startswith("cpu/") else "bfloat16"  # the CPU twin's tests compare to fp32 rounding
+    assert (config.sigma_rels, config.dtype) == ([0.05, 0.10], dtype)
+    assert weight_averaging_config_from_flat(cfg) is None
+
+
 @pytest.mark.axolotl
-@pytest.mark.parametrize("name", GPU_EXAMPLES + CPU_EXAMPLES)
+@pytest.mark.parametrize("name", GPU_EXAMPLES + POSTHOC_EXAMPLES + CPU_EXAMPLES)
 def test_example_configs_pass_axolotl_validation(name):
     """The GPU YAMLs are validated offline, as Axolotl would on an H100 (no download, no training)."""
     cfg = load_yaml(EXAMPLES / name)
@@ -284,7 +305,8 @@ def test_example_configs_pass_axolotl_validation(name):
     assert ours == {k: v for k, v in cfg.items() if k.startswith(OUR_PREFIXES)}
     assert weight_averaging_config_from_flat(validated) == weight_averaging_config_from_flat(cfg)
     assert self_distillation_config_from_flat(validated) == self_distillation_config_from_flat(cfg)
-    assert dpo_reference_config_from_flat(validated) == dpo_reference_config_from_flat(cfg)
+    assert reference_config_from_flat(validated) == reference_config_from_flat(cfg)
+    assert posthoc_ema_config_from_flat(validated) == posthoc_ema_config_from_flat(cfg)
 
 
 THROUGH_AXOLOTL = [
@@ -398,33 +420,95 @@ def test_axolotl_validation_self_distillation_needs_a_peft_adapter():
         _axolotl_validate(base, gpu=False)
 
 
-# --------------------------------------------------------------------------------- DPO reference
+# --------------------------------------------------------------------------------- RLHF reference
 @pytest.mark.parametrize(
     "config",
     [
-        DPOReferenceConfig(method="bema", update_every=1, lag=2, ref_update_every=4),
-        DPOReferenceConfig(method="ema", decay=0.9, update_freq=2, offload=True),
-        DPOReferenceConfig(method="tr_dpo", ref_model_sync_steps=8, ref_model_mixup_alpha=1.0),
-        DPOReferenceConfig(),
+        ReferenceConfig(method="bema", update_every=1, lag=2, ref_update_every=4),
+        ReferenceConfig(method="ema", decay=0.9, update_freq=2, offload=True),
+        ReferenceConfig(method="tr_dpo", ref_model_sync_steps=8, ref_model_mixup_alpha=1.0),
+        ReferenceConfig(),
     ],
     ids=["bema", "ema", "tr_dpo", "default"],
 )
-def test_dpo_reference_round_trip(config):
-    flat = flat_from_config(DPO_REFERENCE, config)
-    assert flat["dpo_reference"] in (config.method, True)
-    back = dpo_reference_config_from_flat(yaml.safe_load(yaml.safe_dump(flat)))
+def test_reference_round_trip_in_both_spellings(config):
+    flat = flat_from_config(RL_REFERENCE, config)
+    assert flat["rl_reference"] in (config.method, True)
+    assert all(k == "rl_reference" or k.startswith("rl_reference_") for k in flat)
+    back = reference_config_from_flat(yaml.safe_load(yaml.safe_dump(flat)))
     assert back == config
-    # the dump a checkpoint holds (dpo_reference/averager_state.json): flat, every keyword, loads back
+    # the earlier spelling (dpo_reference*) is the same family: every key an alias, the same config
+    earlier = {"dpo_reference" + k.removeprefix("rl_reference"): v for k, v in flat.items()}
+    assert dpo_reference_config_from_flat(earlier) == reference_config_from_flat(earlier) == config
+    # the dump a checkpoint holds (reference/averager_state.json): flat, every keyword, loads back
     dumped = json.loads(json.dumps(config.model_dump(mode="json")))
-    assert [f"dpo_reference_{k}" for k in dumped if k != "method"] == [k for k in DPO_REFERENCE.keys if "freq" not in k]
-    assert DPOReferenceConfig(**dumped) == config
+    canonical = [k for k in RL_REFERENCE.keys if k.startswith("rl_reference_") and "freq" not in k]
+    assert [f"rl_reference_{k}" for k in dumped if k != "method"] == canonical
+    assert ReferenceConfig(**dumped) == config == DPOReferenceConfig(**dumped)
 
+
+def test_every_reference_key_has_its_earlier_spelling():
+    assert DPO_REFERENCE is RL_REFERENCE and DPOReferenceConfig is ReferenceConfig
+    canonical = [k for k in RL_REFERENCE.keys if k.startswith("rl_reference_")]
+    earlier = [k for k in RL_REFERENCE.keys if k.startswith("dpo_reference_")]
+    # all but the switch's method (18 since power_ema brought sigma_rel)
+    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 18
+    for key in earlier:
+        same = "rl_reference" + key.removeprefix("dpo_reference")
+        assert RL_REFERENCE.keys[key].alias_of == (RL_REFERENCE.keys[same].alias_of or same)
+        assert RL_REFERENCE.keys[key].python == RL_REFERENCE.keys[same].python
+    assert RL_REFERENCE.all_keys[:2] == ["rl_reference", "dpo_reference"]
+
+
+REFERENCE_BAD = {
+    "unknown rule (rl_reference)": (
+        {"rl_reference": "bemx"},
+        "rl_reference='bemx': not a reference update rule, true or false; did you mean 'bema'? "
+        "(allowed: bema | dema | ema | ouema | power_ema | tr_dpo",
+    ),
+    "key of another method (rl_reference)": (
+        {"rl_reference": "bema", "rl_reference_decay": 0.5},
+        "rl_reference_decay=0.5: does not apply to rl_reference='bema' (allowed: rl_reference_bias_power",
+    ),
+    "switch in both spellings": (
+        {"rl_reference": "bema", "dpo_reference": "bema"},
+        "rl_reference='bema', dpo_reference='bema': set one of them, not both (dpo_reference is an alias of "
+        "rl_reference) (allowed: rl_reference or dpo_reference)",
+    ),
+    "key in both spellings": (
+        {"rl_reference": "bema", "rl_reference_lag": 2, "dpo_reference_lag": 3},
+        "rl_reference_lag=2, dpo_reference_lag=3: set one of them, not both (dpo_reference_lag is an alias of "
+        "rl_reference_lag)",
+    ),
+    "alias keyword in the other spelling": (
+        {"rl_reference": "ema", "rl_reference_update_every": 1, "dpo_reference_update_freq": 2},
+        "rl_reference_update_every=1, dpo_reference_update_freq=2: set one of them, not both "
+        "(dpo_reference_update_freq is an alias of rl_reference_update_every)",
+    ),
+    "one keyword in three spellings": (
+        {
+            "rl_reference": "ema",
+            "rl_reference_update_freq": 1,
+            "dpo_reference_update_every": 2,
+            "dpo_reference_update_freq": 3,
+        },
+        "set one of them (rl_reference_update_freq is an alias of rl_reference_update_every; "
+        "dpo_reference_update_every is an alias of rl_reference_update_every; dpo_reference_update_freq is an alias",
+    ),
+    "earlier key under the new switch": (
+        {"rl_reference": "bema", "dpo_reference_decay": 0.5},
+        "dpo_reference_decay=0.5: does not apply to rl_reference='bema' (allowed: rl_reference_bias_power",
+    ),
+    "misspelled new key": ({"rl_reference": "ema", "rl_reference_decy": 0.5}, "did you mean rl_reference_decay?"),
+    "misspelled new switch": ({"rl_refernce": "ema"}, "did you mean rl_reference?"),
+    "key without switch (rl_reference)": ({"rl_reference_lag": 2}, "rl_reference_lag=2: set without rl_reference"),
+}
 
 DPO_REFERENCE_BAD = {
     "unknown rule": (
         {"dpo_reference": "bemx"},
         "dpo_reference='bemx': not a reference update rule, true or false; did you mean 'bema'? "
-        "(allowed: bema | dema | ema | ouema | tr_dpo",
+        "(allowed: bema | dema | ema | ouema | power_ema | tr_dpo",
     ),
     "key of another method": (
         {"dpo_reference": "bema", "dpo_reference_decay": 0.5},
@@ -451,8 +535,12 @@ DPO_REFERENCE_BAD = {
 }
 
 
-@pytest.mark.parametrize(("cfg", "fragment"), DPO_REFERENCE_BAD.values(), ids=DPO_REFERENCE_BAD.keys())
-def test_dpo_reference_errors_name_the_yaml_key(cfg, fragment):
+@pytest.mark.parametrize(
+    ("cfg", "fragment"),
+    [*REFERENCE_BAD.values(), *DPO_REFERENCE_BAD.values()],
+    ids=[*REFERENCE_BAD, *DPO_REFERENCE_BAD],
+)
+def test_reference_errors_name_the_yaml_key_as_written(cfg, fragment):
     with pytest.raises(ValueError) as info:
         check_flat_keys(cfg)
     assert fragment in str(info.value)
@@ -463,14 +551,42 @@ def test_axolotl_only_checks_without_axolotl():
     from trl_ema_plugin.integrations.axolotl.args import check_axolotl_keys
 
     dpo = {"rl": "dpo", "adapter": "lora", "dpo_reference": "bema"}
-    check_axolotl_keys(dpo)
+    grpo = {"rl": "grpo", "adapter": "lora", "rl_reference": "bema", "trl": {"beta": 0.04}}
+    for ok in (dpo, grpo, {**dpo, "rl": "ipo"}, {**dpo, "rl": "kto"}, {**grpo, "rl": "gdpo"}):
+        check_axolotl_keys(ok)
+    check_axolotl_keys({**grpo, "trl": {}, "rl_beta": 0.1})  # Axolotl reads rl_beta when trl.beta is unset
+    check_axolotl_keys({**dpo, "rl": "orpo", "dpo_reference": False})  # off
+    needs_rl = "moves the reference adapter of an RLHF trainer and needs rl: dpo | ipo | kto | grpo | gdpo"
     cases = [
-        ({**dpo, "rl": None}, "dpo_reference='bema': moves DPO's reference adapter and needs rl: dpo; got rl: None"),
+        ({**dpo, "rl": None}, f"dpo_reference='bema': {needs_rl}; got rl: None"),
+        ({**grpo, "rl": "orpo"}, f"rl_reference='bema': {needs_rl}; got rl: orpo"),
         ({**dpo, "adapter": None}, "dpo_reference='bema': needs a PEFT adapter (the reference is the 'ref' adapter"),
         ({**dpo, "precompute_ref_log_probs": True}, "precompute_ref_log_probs: true computes its log-probs once"),
+        ({**dpo, "rl": "kto", "precompute_ref_log_probs": True}, "dpo_reference='bema', precompute_ref_log_probs=True"),
+        ({**dpo, "rl_adapter_ref_model": True}, "rl_adapter_ref_model: true loads a separate reference model"),
         (
             {**dpo, "trl": {"sync_ref_model": True}},
             "dpo_reference: tr_dpo with dpo_reference_ref_model_sync_steps",
+        ),
+        (
+            {**grpo, "trl": {"sync_ref_model": True, "beta": 0.1}},
+            "rl_reference: tr_dpo with rl_reference_ref_model_sync_steps",
+        ),
+        (
+            {**grpo, "trl": {}},
+            "rl_reference='bema', trl.beta: rl: grpo computes reference log-probs only for its KL term, and trl.beta "
+            "is unset (TRL's default 0.0)",
+        ),
+        ({**grpo, "rl": "gdpo", "trl": {"beta": 0.0}}, "rl_reference='bema', trl.beta=0.0: rl: gdpo computes"),
+        ({**grpo, "trl": {"beta": 0}, "rl_beta": 0.1}, "trl.beta=0"),  # trl.beta wins, as in Axolotl
+        (
+            {**grpo, "trl": {"beta": 0.04, "async_prefetch": True}},
+            "rl_reference='bema', trl.async_prefetch=True: Axolotl's asynchronous GRPO trainer",
+        ),
+        ({**grpo, "trl": {"beta": 0.04, "use_data_producer": True}}, "(allowed: trl.use_data_producer: false)"),
+        (
+            {"self_distillation": True, "adapter": "lora", "rl": "kto"},
+            "self_distillation=True: distils on SFT and rl: dpo | ipo | grpo | gdpo runs, not on rl: kto (KTO batches",
         ),
         (
             {"self_distillation": True, "adapter": None},
@@ -485,10 +601,11 @@ def test_axolotl_only_checks_without_axolotl():
 
 
 @pytest.mark.axolotl
-def test_axolotl_validation_dpo_reference_needs_dpo():
+def test_axolotl_validation_reference_needs_an_rlhf_trainer():
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")  # an SFT run
-    with pytest.raises(ValidationError, match="dpo_reference='bema': moves DPO's reference adapter and needs rl: dpo"):
-        _axolotl_validate({**base, "dpo_reference": "bema"}, gpu=False)
+    for key in ("rl_reference", "dpo_reference"):
+        with pytest.raises(ValidationError, match=f"{key}='bema': moves the reference adapter of an RLHF trainer"):
+            _axolotl_validate({**base, key: "bema"}, gpu=False)
     dpo = load_yaml(EXAMPLES / "cpu" / "dpo_bema.yml")
     with pytest.raises(ValidationError, match="precompute_ref_log_probs: true"):
         _axolotl_validate({**dpo, "precompute_ref_log_probs": True}, gpu=False)
@@ -502,7 +619,9 @@ def test_package_imports_without_axolotl():
     from trl_ema_plugin.integrations.axolotl.args import ARGS_PATH, TrlEmaPluginArgs
 
     assert ARGS_PATH == "trl_ema_plugin.integrations.axolotl.args.TrlEmaPluginArgs"
-    assert "dpo_reference_ref_model_sync_steps" in TrlEmaPluginArgs.model_fields
+    assert {"rl_reference_ref_model_sync_steps", "dpo_reference_ref_model_sync_steps"} <= set(
+        TrlEmaPluginArgs.model_fields
+    )
     if importlib.util.find_spec("axolotl") is None:
         with pytest.raises(ModuleNotFoundError, match="axolotl"):
             _ = package.WeightAveragingPlugin

@@ -1,6 +1,7 @@
-"""``axolotl train`` for real, on CPU, with the plugin: SFT + LoRA + BEMA, ``rl: dpo`` + BEMA, ZeRO-3 on
-2 processes, a bad key, and ``axolotl ema-export``. The configs are the CPU twins in
-``example_configs/cpu/``, run as written in a folder that holds a tiny Llama and local jsonl data.
+"""``axolotl train`` for real, on CPU, with the plugin: SFT + LoRA + BEMA, ``rl: dpo``, ``rl: grpo`` (a reward
+function module by dotted path, on-policy self-distillation) and ``rl: kto`` with a BEMA reference and a BEMA
+average, ZeRO-3 on 2 processes, SFT + LoRA recording post-hoc EMA snapshots, a bad key, and ``axolotl
+ema-export``. The configs are the CPU twins in ``example_configs/cpu/``, run as written in a folder that holds a tiny Llama and local jsonl data.
 
 Every run saves a checkpoint per step, so the test rebuilds BEMA by hand from the recorded
 adapters θ_1..θ_T and compares it with the ``averaged/`` adapter the plugin wrote:
@@ -182,6 +183,65 @@ def test_sft_self_distillation_from_the_bema_teacher(workspace):
     assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
 
 
+def test_sft_lora_posthoc_ema_snapshots_and_export(workspace):
+    """``posthoc_ema`` keys alone (no online averager): the snapshots hold the power EMAs of the recorded adapters
+    θ_1..θ_6 (the checkpoints), and ``axolotl ema-export --posthoc-sigma-rel`` writes the synthesized adapter."""
+    from trl_ema_plugin.posthoc import list_snapshots, read_theta0, synthesize
+    from trl_ema_plugin.posthoc.snapshots import THETA, profile_name
+
+    config = CPU_CONFIGS / "sft_lora_posthoc_ema.yml"
+    cfg = yaml.safe_load(config.read_text())
+    axolotl("train", str(config), cwd=workspace)
+    run = workspace / cfg["output_dir"]
+    start, last = cfg["posthoc_ema_update_after"], cfg["max_steps"]
+    trajectory = {t: adapter_at(run, t) for t in range(start, last + 1)}
+    assert not (run / "averaged").exists()
+    snapshots = list_snapshots(run)
+    assert [s.global_step for s in snapshots] == [3, 5, 6]
+
+    def stored(path: Path, buffer: str) -> dict[str, torch.Tensor]:
+        return {
+            k.split("/", 1)[1].replace(".default", ""): v
+            for k, v in load_file(path).items()
+            if k.startswith(f"{buffer}/")
+        }
+
+    assert all(torch.equal(v, trajectory[start][k]) for k, v in stored(read_theta0(run).path, THETA).items())
+    for snapshot in snapshots:
+        for sigma_rel in cfg["posthoc_ema_sigma_rels"]:
+            ema = stored(snapshot.path, profile_name(sigma_rel))
+            hand = oracles.power_ema(trajectory, sigma_rel=sigma_rel, update_after=start, at=snapshot.global_step)
+            assert ema.keys() == hand.keys() and len(ema) == 28  # 7 linears x 2 layers x (A, B)
+            for key, tensor in ema.items():
+                torch.testing.assert_close(tensor.double(), hand[key], rtol=1e-6, atol=1e-7)
+
+    axolotl("ema-export", str(config), "--posthoc-sigma-rel", "0.07", cwd=workspace)
+    exported = run / "ema-posthoc"
+    expected = {k.replace(".default", ""): v for k, v in synthesize(run, 0.07).items()}
+    written = load_file(exported / "adapter_model.safetensors")
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
+    assert_loads_with_peft_and_differs(workspace, exported, trajectory[last])
+
+
+def reference_is_the_averaged_policy(cfg: dict) -> None:
+    """The example's reference runs the same BEMA as its averaged policy and is written every step."""
+    same = ("update_every", "update_after", "lag", "ema_power")
+    assert all(cfg[f"rl_reference_{k}"] == cfg[f"weight_averaging_{k}"] for k in same)
+    assert cfg["rl_reference"] == cfg["weight_averaging"] == "bema" and cfg["rl_reference_ref_update_every"] == 1
+
+
+def assert_reference_is_hand_bema(run: Path, cfg: dict, step: int, at: int) -> None:
+    """``checkpoint-step/ref/`` (the trainer's "ref" adapter, saved by PEFT) is the hand BEMA of θ_τ..θ_at, and the
+    plugin's ``checkpoint-step/reference/`` state says it was written at step ``at``."""
+    reference = load_file(run / f"checkpoint-{step}" / "ref" / "adapter_model.safetensors")
+    expected = hand_bema(run, cfg, at)
+    assert reference.keys() == expected.keys() and len(reference) == 28
+    for key, tensor in reference.items():
+        torch.testing.assert_close(tensor.double(), expected[key], rtol=1e-5, atol=1e-7)
+    state = json.loads((run / f"checkpoint-{step}" / "reference" / "averager_state.json").read_text())
+    assert state["last_sync_step"] == at and state["global_step"] == step
+
+
 def test_dpo_bema(workspace):
     config = CPU_CONFIGS / "dpo_bema.yml"
     cfg = yaml.safe_load(config.read_text())
@@ -191,12 +251,10 @@ def test_dpo_bema(workspace):
     assert_matches_hand_bema(run, cfg, run / "averaged", cfg["max_steps"])
     assert_loads_with_peft_and_differs(workspace, run / "averaged", load_file(run / "adapter_model.safetensors"))
 
-    # dpo_reference_* (the same BEMA, synced every step): the trainer's "ref" adapter in each checkpoint
+    # rl_reference_* (the same BEMA, synced every step): the trainer's "ref" adapter in each checkpoint
     # equals the averaged policy of that step, and the starting policy θ_τ at step τ
-    same = ("update_every", "update_after", "lag", "ema_power")
-    assert all(cfg[f"dpo_reference_{k}"] == cfg[f"weight_averaging_{k}"] for k in same)
-    assert cfg["dpo_reference_ref_update_every"] == 1
-    for step in range(cfg["dpo_reference_update_after"], cfg["max_steps"] + 1):
+    reference_is_the_averaged_policy(cfg)
+    for step in range(cfg["rl_reference_update_after"], cfg["max_steps"] + 1):
         reference = load_file(run / f"checkpoint-{step}" / "ref" / "adapter_model.safetensors")
         averaged = load_file(run / f"checkpoint-{step}" / "averaged" / "adapter_model.safetensors")
         assert reference.keys() == averaged.keys()
@@ -204,6 +262,63 @@ def test_dpo_bema(workspace):
             torch.testing.assert_close(reference[key], averaged[key], rtol=0, atol=1e-7)
     state = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "reference" / "averager_state.json").read_text())
     assert state["last_sync_step"] == cfg["max_steps"]
+
+
+def test_grpo_bema_reference_averaging_and_self_distillation(workspace):
+    """``rl: grpo`` with the reward function named by dotted path (``trl.reward_funcs``): GRPO reads the reference
+    once per generation batch (here one per step), so the "ref" adapter saved at step N is the BEMA of step N − 1,
+    written right before the batch that trained step N; the averaged policy is the BEMA of step N."""
+    config = CPU_CONFIGS / "grpo_bema.yml"
+    cfg = yaml.safe_load(config.read_text())
+    assert cfg["rl"] == "grpo" and cfg["trl"]["reward_funcs"] == ["trl_ema_plugin.demos.tiny.letters_reward"]
+    assert cfg["micro_batch_size"] == cfg["trl"]["num_generations"] and cfg["gradient_accumulation_steps"] == 1
+    reference_is_the_averaged_policy(cfg)
+    axolotl("train", str(config), cwd=workspace)
+    run, last = workspace / cfg["output_dir"], cfg["max_steps"]
+
+    assert_matches_hand_bema(run, cfg, run / "averaged", last)
+    assert_matches_hand_bema(run, cfg, run / "checkpoint-2" / "averaged", 2)
+    assert_loads_with_peft_and_differs(workspace, run / "averaged", load_file(run / "adapter_model.safetensors"))
+    # step 1 trained against the initial adapter (a fresh LoRA: B = 0, the base model); no write yet
+    first = load_file(run / "checkpoint-1" / "ref" / "adapter_model.safetensors")
+    assert all(not t.any() for k, t in first.items() if "lora_B" in k) and all(
+        t.any() for k, t in first.items() if "lora_A" in k
+    )
+    state = json.loads((run / "checkpoint-1" / "reference" / "averager_state.json").read_text())
+    assert state["last_sync_step"] is None
+    for step in range(cfg["rl_reference_update_after"] + 1, last + 1):
+        assert_reference_is_hand_bema(run, cfg, step, at=step - 1)
+
+    # the reward function ran (TRL logs it by name), the KL term read the moving reference, and the
+    # self-distillation term joined the loss after its warm-up
+    history = json.loads((run / f"checkpoint-{last}" / "trainer_state.json").read_text())["log_history"]
+    steps = [h for h in history if "loss" in h]
+    assert [h["step"] for h in steps] == list(range(1, last + 1))
+    assert all("rewards/letters_reward/mean" in h and h["kl"] >= 0 for h in steps)
+    assert any(h["kl"] > 0 for h in steps)
+    # log step s is global_step s − 1 during the forward. No teacher before the warm-up; at global_step τ
+    # (update_after) the BEMA teacher is θ_τ, the student itself (term exactly 0); after it they differ
+    warmup, start = cfg["self_distillation_warmup_steps"], cfg["weight_averaging_update_after"]
+    assert warmup <= start
+    for h in steps:
+        assert h["loss"] == pytest.approx(h["loss/task"] + h["loss/distill"], abs=2e-5)
+        assert (h["loss/distill"] > 0.0) == (h["step"] - 1 > start)
+
+
+def test_kto_bema_reference_and_averaging(workspace):
+    """``rl: kto`` reads the reference on every batch: the "ref" adapter saved at step N is the BEMA of step N."""
+    config = CPU_CONFIGS / "kto_bema.yml"
+    cfg = yaml.safe_load(config.read_text())
+    assert cfg["rl"] == "kto"
+    reference_is_the_averaged_policy(cfg)
+    axolotl("train", str(config), cwd=workspace)
+    run, last = workspace / cfg["output_dir"], cfg["max_steps"]
+    assert_matches_hand_bema(run, cfg, run / "averaged", last)
+    assert_loads_with_peft_and_differs(workspace, run / "averaged", load_file(run / "adapter_model.safetensors"))
+    for step in range(cfg["rl_reference_update_after"], last + 1):
+        assert_reference_is_hand_bema(run, cfg, step, at=step)
+    history = json.loads((run / f"checkpoint-{last}" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, last + 1))
 
 
 def test_zero3_two_processes_bema(workspace):

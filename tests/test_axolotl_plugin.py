@@ -83,3 +83,20 @@ def test_self_distillation_keys_add_the_loss_hook(tmp_path, model, tokenizer, sf
     plugin.post_trainer_create(cfg, trainer)
     assert callbacks[1].trainer is trainer and callbacks[1].averaging is callbacks[0]
     assert "ema_teacher" in trainer.model.peft_config  # the teacher: a second adapter, added before training
+
+
+def test_posthoc_ema_keys_add_the_recorder(tmp_path, model, tokenizer, sft_data):
+    from trl_ema_plugin import PostHocEMACallback
+    from trl_ema_plugin.posthoc import list_snapshots
+
+    plugin = load_plugin(PLUGIN)
+    cfg = DictDefault({"posthoc_ema": True, "posthoc_ema_sigma_rels": [0.05, 0.1], "posthoc_ema_every": 1})
+    trainer = sft_trainer(tmp_path, model, tokenizer, sft_data)
+    callbacks = plugin.add_callbacks_post_trainer(cfg, trainer)
+    assert [type(cb) for cb in callbacks] == [PostHocEMACallback]
+    assert callbacks[0].config.sigma_rels == [0.05, 0.1] and callbacks[0].config.every == 1
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    plugin.post_trainer_create(cfg, trainer)
+    trainer.train()
+    assert [s.global_step for s in list_snapshots(tmp_path)] == [1, 2]

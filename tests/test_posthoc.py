@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import exact_power_ema, gamma_of, posthoc_weights, profile_product
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -86,31 +87,11 @@ def record(folder: Path, traj, every: int, update_after: int = 0, cadence: int =
     return kept
 
 
-def gamma_numpy(sigma_rel: float) -> float:
-    """EDM2's std_to_exp, independently: the largest real root by numpy."""
-    s = sigma_rel**-2
-    return float(np.roots([1, 7, 16 - s, 12 - s]).real.max())
-
-
-def gram_by_integral(t_a: float, g_a: float, t_b: float, g_b: float) -> float:
-    """∫_0^min(t_a,t_b) (g_a+1) τ^g_a / t_a^(g_a+1) · (g_b+1) τ^g_b / t_b^(g_b+1) dτ, integrated by hand."""
-    m = min(t_a, t_b)
-    return (g_a + 1) * (g_b + 1) * m ** (g_a + g_b + 1) / ((g_a + g_b + 1) * t_a ** (g_a + 1) * t_b ** (g_b + 1))
-
-
-def exact_power_ema(traj64: np.ndarray, t: int, gamma: float, start: int = 0) -> np.ndarray:
-    """EDM2's power-function EMA at t (steps after ``start``), exactly: θ_j weighted by
-    (j/t)^(γ+1) − ((j−1)/t)^(γ+1), the profile (γ+1) τ^γ / t^(γ+1) integrated over (j−1, j]."""
-    j = np.arange(1, t + 1, dtype=np.float64)
-    w = (j / t) ** (gamma + 1) - ((j - 1) / t) ** (gamma + 1)
-    return w @ traj64[start + 1 : start + t + 1]
-
-
 # ------------------------------------------------------------ σ_rel ↔ γ
 def test_sigma_rel_and_gamma_follow_edm2():
     for sigma_rel in (0.01, 0.05, 0.07, 0.10, 0.2, 0.28):
         gamma = sigma_rel_to_gamma(sigma_rel)
-        assert gamma == pytest.approx(gamma_numpy(sigma_rel), rel=1e-12)
+        assert gamma == pytest.approx(gamma_of(sigma_rel), rel=1e-12)
         assert gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-12)
         assert math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) == pytest.approx(sigma_rel, rel=1e-12)
     assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2's pair
@@ -140,7 +121,7 @@ def test_power_ema_matches_float64_loop_and_closed_form(update_after, cadence):
     traj = trajectory(steps, seed=1)
     ema = PowerFunctionEMA(sigma_rel)
     ema.allocate([math.prod(s) for s in SHAPES.values()], "cpu")
-    gamma = gamma_numpy(sigma_rel)
+    gamma = gamma_of(sigma_rel)
     hand, last, updates = None, update_after, []
     for t, theta in enumerate(traj):
         x = torch.cat(flat(theta)).double()
@@ -206,16 +187,13 @@ def test_untracked_sigma_rel_matches_float64_hand_solve(tmp_path):
     kept = record(tmp_path, trajectory(48), every=8)
     target_sigma, step = 0.075, 40
     inputs = [(t, s) for t in sorted(kept) if t <= step for s in SIGMA_RELS]
-    gammas = {s: gamma_numpy(s) for s in (*SIGMA_RELS, target_sigma)}
-    # Gram matrix and right-hand side from the profile integrals, checked once against quadrature
-    A = np.array([[gram_by_integral(ta, gammas[sa], tb, gammas[sb]) for tb, sb in inputs] for ta, sa in inputs])
-    b = np.array([gram_by_integral(ta, gammas[sa], step, gammas[target_sigma]) for ta, sa in inputs])
+    gammas = {s: gamma_of(s) for s in SIGMA_RELS}
+    # the profile integral of the hand solve, checked once against quadrature
     tau = np.linspace(0, 16, 200_001)  # the product vanishes beyond min(t_a, t_b) = 16
     f = lambda t, g: np.where(tau <= t, (g + 1) * tau**g / t ** (g + 1), 0.0)  # noqa: E731
     quadrature = np.trapezoid(f(24, gammas[0.05]) * f(16, gammas[0.1]), tau)
-    assert quadrature == pytest.approx(gram_by_integral(24, gammas[0.05], 16, gammas[0.1]), rel=1e-7)
-    x = np.linalg.solve(A, b)
-    x = x / x.sum()
+    assert quadrature == pytest.approx(profile_product(24, gammas[0.05], 16, gammas[0.1]), rel=1e-7)
+    x = posthoc_weights(inputs, step, target_sigma)
     plan = plan_synthesis(tmp_path, target_sigma, step)
     assert [(i.snapshot.global_step, i.profile.sigma_rel) for i in plan.inputs] == inputs
     np.testing.assert_allclose([i.weight for i in plan.inputs], x, rtol=1e-9, atol=1e-12)
@@ -249,9 +227,9 @@ def test_synthesis_error_against_exact_ema_shrinks_with_more_snapshots():
     n = 2, 4, 8, 16, 32 → 0.07: 2.6e-1, 7.3e-2, 7.7e-3, 5.6e-4, 5.0e-5; 0.15: 4.6e-1, 1.4e-1, 2.4e-2, 2.8e-3, 2.5e-4."""
     T = 512
     traj64 = torch.cat([torch.cat(flat(th)).unsqueeze(0) for th in trajectory(T, seed=3)]).double().numpy()
-    g_in = [gamma_numpy(s) for s in SIGMA_RELS]
+    g_in = [gamma_of(s) for s in SIGMA_RELS]
     for target in (0.07, 0.15):
-        g_r = gamma_numpy(target)
+        g_r = gamma_of(target)
         exact = exact_power_ema(traj64, T, g_r)
         gap = np.linalg.norm(exact - exact_power_ema(traj64, T, g_in[1]))
         errors = []
@@ -260,7 +238,7 @@ def test_synthesis_error_against_exact_ema_shrinks_with_more_snapshots():
             c = solve_coefficients([t for t, _ in inputs], [g for _, g in inputs], T, g_r)
             synth = sum(x * exact_power_ema(traj64, t, g) for x, (t, g) in zip(c.weights, inputs, strict=True))
             err = np.abs(synth - exact)
-            bound = c.residual * math.sqrt(gram_by_integral(T, g_r, T, g_r)) * np.sqrt((traj64[1:] ** 2).sum(0))
+            bound = c.residual * math.sqrt(profile_product(T, g_r, T, g_r)) * np.sqrt((traj64[1:] ** 2).sum(0))
             assert (err <= bound * (1 + 1e-9) + 1e-12).all()
             errors.append(np.linalg.norm(err) / gap)
         assert errors[4] < errors[3] < errors[2] < errors[1] < errors[0], errors
@@ -270,10 +248,10 @@ def test_synthesis_error_against_exact_ema_shrinks_with_more_snapshots():
 def test_a_weight_that_never_moves_is_synthesized_exactly():
     """x is normalised to Σx = 1: with Σx ≠ 1 (a loose fit, here 4 snapshots for σ_rel 0.2) the unnormalised
     sum would scale a constant weight (LoRA A's init, a frozen-in-effect full weight) by Σx."""
-    g_in = [gamma_numpy(s) for s in SIGMA_RELS]
+    g_in = [gamma_of(s) for s in SIGMA_RELS]
     inputs = [(t, g) for t in (64, 128) for g in g_in]
     constant = np.ones((129, 3)) * np.array([0.5, -2.0, 7.0])
-    c = solve_coefficients([t for t, _ in inputs], [g for _, g in inputs], 128, gamma_numpy(0.2))
+    c = solve_coefficients([t for t, _ in inputs], [g for _, g in inputs], 128, gamma_of(0.2))
     synth = sum(x * exact_power_ema(constant, t, g) for x, (t, g) in zip(c.weights, inputs, strict=True))
     np.testing.assert_allclose(synth, constant[0], rtol=1e-12)
     assert abs(c.mass - 1) > 1e-2
@@ -305,7 +283,9 @@ def test_snapshot_writes_are_atomic_under_a_killed_writer(tmp_path):
         try:
             assert proc.stdout.readline().strip() == b"ready"
             deadline, seen = time.monotonic() + 1.0, 0
-            while time.monotonic() < deadline or not any(n.startswith(".") for n in os.listdir(tmp_path)):
+            # read for 1 s and until a complete file was read (a loaded machine may take longer for the first
+            # write), then stop once a partial file is visible under a temporary name
+            while time.monotonic() < deadline or seen == 0 or not any(n.startswith(".") for n in os.listdir(tmp_path)):
                 for path in tmp_path.glob("snapshot-*.safetensors"):
                     try:
                         read_snapshot(path)  # complete whenever it is visible, also while being replaced

@@ -1,11 +1,13 @@
-"""Weight averaging (EMA, BEMA, DEMA, OUEMA) for LoRA/PEFT and full fine-tuning in TRL and Axolotl."""
+"""Weight averaging (EMA, BEMA, DEMA, OUEMA, post-hoc EMA) for LoRA/PEFT and full fine-tuning in TRL and Axolotl."""
 
 from .averagers import BEMA, DEMA, EMA, OUEMA, Averager, register_averager, registered_methods
 from .config import AveragerSpec, WeightAveragingConfig
 from .config.distillation import SelfDistillationConfig
-from .config.dpo_reference import DPOReferenceConfig
+from .config.posthoc import PostHocEMAConfig
+from .config.reference import DPOReferenceConfig, ReferenceConfig
 from .integrations.trl import WeightAveragingCallback, attach
 from .integrations.trl.distillation import SelfDistillationCallback
+from .integrations.trl.posthoc import PostHocEMACallback
 from .integrations.trl.reference import AveragedReferenceCallback, add_reference_adapter
 from .shadow import AveragedWeights
 
@@ -21,6 +23,9 @@ __all__ = [
     "Averager",
     "AveragerSpec",
     "DPOReferenceConfig",
+    "PostHocEMACallback",
+    "PostHocEMAConfig",
+    "ReferenceConfig",
     "SelfDistillationCallback",
     "SelfDistillationConfig",
     "WeightAveragingCallback",

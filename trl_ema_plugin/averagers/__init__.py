@@ -1,10 +1,11 @@
-"""Averager math: EMA, BEMA, DEMA, OUEMA over lists of fp32 tensors. No trainer, no nn.Module."""
+"""Averager math: EMA, BEMA, DEMA, OUEMA, the power-function EMA over lists of fp32 tensors. No trainer, no nn.Module."""
 
 from .base import Averager
 from .bema import BEMA
 from .dema import DEMA
 from .ema import EMA
 from .ouema import OUEMA
+from .power import PowerFunctionEMA
 from .registry import ENTRY_POINT_GROUP, averager_class, register_averager, registered_methods
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "OUEMA",
     "Averager",
+    "PowerFunctionEMA",
     "averager_class",
     "register_averager",
     "registered_methods",

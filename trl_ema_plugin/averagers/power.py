@@ -24,6 +24,7 @@ import torch
 
 from .base import Averager
 from .ops import Tensors, copy_, lerp_
+from .registry import register_averager
 
 #: σ_rel of γ = 0, the uniform average over the whole run: the largest σ_rel with γ ≥ 0
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
@@ -82,6 +83,7 @@ def power_function_beta(gamma: float, t: int, t_delta: int = 1) -> float:
     return (1.0 - t_delta / t) ** (gamma + 1.0)
 
 
+@register_averager("power_ema")
 class PowerFunctionEMA(Averager):
     r"""θ̂_t = β_t · θ̂_{t−Δ} + (1 − β_t) · θ_t,   β_t = (1 − Δ/t)^(γ+1),   γ = γ(σ_rel)
 
@@ -91,11 +93,10 @@ class PowerFunctionEMA(Averager):
     (γ+1) τ^γ / t^(γ+1) over (u_{j−1}, u_j], i.e. weights ∝ τ^γ. The weights at the start (θ at
     ``update_after``) are the output only until the first update, which gives them weight 0.
 
-    Not registered as a method (the post-hoc recorder builds these directly); ``method`` is a label.
-    Memory: one fp32 copy of the tracked weights.
+    Registered as ``method="power_ema"`` (setting ``sigma_rel``, default EDM2's 0.05); the post-hoc
+    recorder keeps one per recorded σ_rel. Memory: one fp32 copy of the tracked weights.
     """
 
-    method = "power_ema"
     buffer_names = ("ema",)
     hyperparameters = ("sigma_rel",)
     flat_math = True

@@ -4,6 +4,7 @@
     axolotl ema-export config.yml                  # output_dir/averaged/ -> output_dir/ema-export/
     axolotl ema-export config.yml --merge          # merged into base_model -> output_dir/ema-merged/
     axolotl ema-export --source run/checkpoint-40 --output out/ [--name ema_999] [--merge]
+    axolotl ema-export config.yml --posthoc-sigma-rel 0.07   # post-hoc EMA -> output_dir/ema-posthoc/
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import click
 import yaml
 
-from .export import DTYPES, EXPORT_ERRORS, describe, list_averagers, run_export
+from .export import DTYPES, EXPORT_ERRORS, check_output_folder, describe, list_averagers, run_export
+from .posthoc import synthesized, write_export
 
 DEFAULT_OUTPUT_DIR = "./model-out"  # Axolotl's default output_dir
 
@@ -41,6 +43,11 @@ DEFAULT_OUTPUT_DIR = "./model-out"  # Axolotl's default output_dir
     help="with --merge: dtype of the base model",
 )
 @click.option("--list", "list_only", is_flag=True, help="list the averagers and exit")
+@click.option("--posthoc-sigma-rel", type=float, default=None, help="synthesize the post-hoc EMA of this σ_rel")
+@click.option(
+    "--posthoc-step", type=int, default=None, help="with --posthoc-sigma-rel: the snapshot step (default: last)"
+)
+@click.option("--posthoc-bema-alpha", type=float, default=None, help="with --posthoc-sigma-rel: post-hoc BEMA's α")
 def ema_export(
     config: Path | None,
     source: Path | None,
@@ -50,6 +57,9 @@ def ema_export(
     base_model: str | None,
     dtype: str,
     list_only: bool,
+    posthoc_sigma_rel: float | None,
+    posthoc_step: int | None,
+    posthoc_bema_alpha: float | None,
 ) -> None:
     """Export the averaged (EMA/BEMA) adapter of a run, or merge it into the base model."""
     cfg = yaml.safe_load(config.read_text()) if config is not None else {}
@@ -64,13 +74,21 @@ def ema_export(
         if list_only:
             click.echo(describe(list_averagers(source)) or f"{source}: no averaged weights")
             return
+        posthoc = posthoc_sigma_rel is not None
+        if not posthoc and (posthoc_step is not None or posthoc_bema_alpha is not None):
+            raise click.UsageError("--posthoc-step and --posthoc-bema-alpha need --posthoc-sigma-rel")
         if output is None:
             if config is None:
                 raise click.UsageError("--output is required without a CONFIG")
-            output = output_dir / ("ema-merged" if merge else "ema-export")
+            output = output_dir / ("ema-merged" if merge else "ema-posthoc" if posthoc else "ema-export")
         if merge and base_model is None:
             base_model = cfg.get("base_model")
-        written = run_export(source, output, name=name, merge=merge, base_model=base_model, dtype=dtype)
+        if posthoc:
+            check_output_folder(output)
+            tensors = synthesized(source, posthoc_sigma_rel, posthoc_step, posthoc_bema_alpha)
+            written = write_export(source, tensors, output, merge, base_model if merge else None, dtype)
+        else:
+            written = run_export(source, output, name=name, merge=merge, base_model=base_model, dtype=dtype)
     except EXPORT_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"ema-export: wrote {'merged model' if merge else 'averaged weights'} to {written}")

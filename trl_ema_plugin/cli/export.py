@@ -2,6 +2,8 @@
 
     ema-export RUN_OR_CHECKPOINT --output DIR [--name NAME] [--merge [--base-model PATH] [--dtype D]]
     ema-export RUN_OR_CHECKPOINT --list
+    ema-export RUN --posthoc-sigma-rel S --output DIR [--posthoc-step N] [--posthoc-bema-alpha A] [--merge]
+    ema-export RUN --posthoc-sweep S [S ...] --eval-data FILE [--output DIR]
 
 ``RUN_OR_CHECKPOINT`` is an ``output_dir`` (its final ``averaged/``), a ``checkpoint-N`` folder,
 or an averager folder itself (``averaged/``, ``averaged-<name>/``); the folder format is in
@@ -9,7 +11,8 @@ or an averager folder itself (``averaged/``, ``averaged-<name>/``); the folder f
 + ``adapter_config.json``) is written to ``--output``, loadable with ``PeftModel.from_pretrained``.
 With ``--merge`` the base model (``--base-model``, default: the adapter's ``base_model_name_or_path``)
 is loaded, the averaged adapter applied and merged (``merge_and_unload``: W ← W + (α/r)·B·A), and the
-full model saved. The tokenizer of the run, when present, is saved beside it.
+full model saved. The tokenizer of the run, when present, is saved beside it. The ``--posthoc-*`` options
+synthesize a post-hoc EMA from the run's ``posthoc/`` snapshots instead (:mod:`trl_ema_plugin.cli.posthoc`).
 
 What it reads is checked first (the checksums recorded in ``averager_state.json``, and every weight file
 loads); what it writes is read back and compared. Every error names the path and exits with code 2.
@@ -291,18 +294,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", action="store_true", help="merge the averaged adapter into the base model")
     parser.add_argument("--base-model", help="with --merge: base model path or id (default: from adapter_config.json)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="with --merge: dtype to load the base model in")
-    parser.add_argument("--list", action="store_true", help="list the averagers in SOURCE and exit")
+    parser.add_argument("--list", action="store_true", help="list the averagers (and post-hoc snapshots) in SOURCE")
+    from . import posthoc  # it imports this module's helpers
+
+    posthoc.add_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import posthoc
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.list:
             found = list_averagers(args.source)
+            snapshots = posthoc.describe_snapshots(args.source, args.posthoc_sigma_rel, args.posthoc_step)
             print(describe(found) if found else f"{args.source}: no averaged weights")
-            return 0 if found else 1
+            if snapshots is not None:
+                print(snapshots)
+            return 0 if found or snapshots is not None else 1
+        if posthoc.requested(args):
+            return posthoc.main(args, parser)
         if not args.output:
             parser.error("--output is required (or pass --list)")
         written = run_export(args.source, args.output, args.name, args.merge, args.base_model, args.dtype)

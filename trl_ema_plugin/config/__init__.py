@@ -1,4 +1,4 @@
-"""One validated configuration, used by the TRL callback, the loss hook, the DPO reference and Axolotl."""
+"""One validated configuration, used by the TRL callback, the loss hook, the RLHF reference and Axolotl."""
 
 from .averaging import AveragerSpec, WeightAveragingConfig
 

@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from ..averagers.power import SIGMA_REL_MAX
 from ..averagers.registry import averager_class, hyperparameter_names, registered_methods
 from .errors import NO_VALUE, SettingError, SettingsModel, did_you_mean, unknown_key
 from .fields import keywords
 
 #: Defaults of every averager hyper-parameter. BEMA/DEMA/OUEMA take TRL's ``BEMACallback``
-#: defaults (``update_freq=400``), EMA updates every step.
-METHOD_DEFAULT_UPDATE_EVERY = {"ema": 1}
+#: defaults (``update_freq=400``), EMA and the power-function EMA update every step.
+METHOD_DEFAULT_UPDATE_EVERY = {"ema": 1, "power_ema": 1}
 TRL_DEFAULT_UPDATE_EVERY = 400
 #: the fields of an ``AveragerSpec`` that every method takes (the others are hyper-parameters of some)
 FIELDS_OF_EVERY_METHOD = frozenset({"method", "name", "update_every", "update_after", "options"})
@@ -88,7 +89,7 @@ class AveragerSpec(SettingsModel):
     ``update_every`` optimizer steps (alias ``update_freq``, TRL's name).
     """
 
-    method: str = Field("ema", description="ema | bema | dema | ouema, or a registered third-party name")
+    method: str = Field("ema", description="ema | bema | dema | ouema | power_ema, or a registered third-party name")
     name: str | None = Field(None, description="label in metrics and folders; defaults to the method")
     update_every: int | None = Field(
         None,
@@ -108,6 +109,10 @@ class AveragerSpec(SettingsModel):
     lag: float = Field(10, ge=0.0, description="ρ, the schedule's virtual starting age")
     multiplier: float = Field(1.0, gt=0.0, description="γ, steps → schedule time")
     min_ema_multiplier: float = Field(0.0, ge=0.0, le=1.0, description="floor β_min of β_t")
+    # power-function EMA (EDM2)
+    sigma_rel: float = Field(
+        0.05, gt=0.0, le=SIGMA_REL_MAX, description="relative width σ_rel of the power-function EMA (EDM2: 0.05, 0.10)"
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments of a third-party averager"
     )

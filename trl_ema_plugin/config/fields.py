@@ -1,6 +1,6 @@
 """What the config models accept, read from the models themselves: keywords, their locations, allowed values.
 
-A model may write a nested model *flat*: ``DPOReferenceConfig(lag=2)`` sets ``averager.lag``. It says so in
+A model may write a nested model *flat*: ``ReferenceConfig(lag=2)`` sets ``averager.lag``. It says so in
 ``flattened_fields`` (field → the nested fields that the outer model sets itself, e.g. ``method``). Every front
 end (Python keywords, Axolotl's flat YAML keys, error messages) reads the keywords from :func:`keywords`, so a
 flattened field is spelled the same way everywhere.
@@ -158,6 +158,22 @@ def choices(model: type[BaseModel], name: str) -> list[str]:
     return []
 
 
+def _bounds(metadata: list[Any]) -> list[str]:
+    """``> 0.0``, ``≤ 1.0``... of a field's (or a list item's) constraints."""
+    return [f"{sign} {getattr(m, attr)}" for m in metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
+
+
+def _scalar(annotation: Any) -> tuple[str, list[Any]] | None:
+    """(``number`` | ``integer`` | ``string``, constraints) of a plain or ``Annotated`` scalar type, else None."""
+    metadata: list[Any] = []
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation, *extra = typing.get_args(annotation)
+        for item in extra:
+            metadata.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    names = {int: "integer", float: "number", str: "string"}
+    return (names[annotation], metadata) if annotation in names else None
+
+
 def allowed_values(model: type[BaseModel], name: str) -> str:
     """Human-readable allowed values of ``model.name``, from its type and constraints (``choices()`` if declared)."""
     declared = getattr(model, "allowed_choices", None)
@@ -177,9 +193,12 @@ def allowed_values(model: type[BaseModel], name: str) -> str:
         text = "mapping"
     elif origin is list and is_model(typing.get_args(annotation)[0]):
         text = f"list of {typing.get_args(annotation)[0].__name__} mappings"
+    elif origin is list and _scalar(typing.get_args(annotation)[0]) is not None:
+        item, constraints = _scalar(typing.get_args(annotation)[0])
+        text = " ".join([f"list of {item}s", " and ".join(_bounds(constraints))]).rstrip()
     else:
         text = getattr(annotation, "__name__", str(annotation))
-    bounds = [f"{sign} {getattr(m, attr)}" for m in info.metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
+    bounds = _bounds(info.metadata)
     if any(isinstance(m, annotated_types.MinLen) and m.min_length == 1 for m in info.metadata):
         text = f"non-empty {text}"
     if bounds:

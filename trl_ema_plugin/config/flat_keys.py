@@ -31,9 +31,10 @@ from pydantic.fields import FieldInfo
 from ..averagers.registry import registered_methods
 from .averaging import AveragerSpec, WeightAveragingConfig, top_fields
 from .distillation import SelfDistillationConfig
-from .dpo_reference import DPOReferenceConfig, reference_methods
 from .errors import SettingError, did_you_mean, explain, raw_errors, unknown_key
 from .fields import Keyword, Loc, accepted_names, is_model, keywords, spelled, strip_none
+from .posthoc import PostHocEMAConfig
+from .reference import ReferenceConfig, reference_methods
 
 
 # --------------------------------------------------------------------------------- keys
@@ -79,7 +80,10 @@ class FlatFamily:
       fields of a nested model written flat included, see :func:`~.fields.keywords`) gets a key;
     * ``switch_field``: the field a string switch value sets (``weight_averaging: bema`` sets
       ``method``; it has no key of its own); ``switch_values`` its allowed strings, ``switch_noun`` what they are
-      (for messages); ``true`` means "on, defaults".
+      (for messages); ``true`` means "on, defaults";
+    * ``alias_prefixes``: earlier prefixes. Each spells the whole family again (``dpo_reference`` for
+      ``rl_reference``, ``dpo_reference_lag`` for ``rl_reference_lag``); setting one setting in two spellings is an
+      error naming both, and messages spell every key under the prefix the user wrote.
     """
 
     prefix: str
@@ -88,6 +92,7 @@ class FlatFamily:
     switch_field: str | None = None
     switch_values: Callable[[], list[str]] = list
     switch_noun: str = "true or false"
+    alias_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         keys: dict[str, FlatKey] = {}
@@ -104,10 +109,39 @@ class FlatFamily:
                         f"{yaml} would stand for both {keys[yaml].python_spelling} and {model.__name__}.{keyword.name}"
                     )
                 keys[yaml] = FlatKey(yaml, keyword, model, alias_of)
+        for alias in self.alias_prefixes:
+            for key in list(keys.values()):
+                if key.yaml.startswith(f"{self.prefix}_"):
+                    spelled_again = alias + key.yaml[len(self.prefix) :]
+                    keys[spelled_again] = FlatKey(spelled_again, key.keyword, key.owner, key.alias_of or key.yaml)
         self.keys = keys
-        self._yaml = {k.argument: k.yaml for k in keys.values()}
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """The prefix, then the earlier ones."""
+        return (self.prefix, *self.alias_prefixes)
+
+    def prefix_of(self, yaml: str) -> str:
+        """The prefix ``yaml`` is spelled with (the longest that fits, so that one may begin with another)."""
+        fitting = [p for p in self.prefixes if yaml == p or yaml.startswith(f"{p}_")]
+        return max(fitting, key=len) if fitting else self.prefix
+
+    def spelling(self, written: Iterable[str] = ()) -> dict[str, str]:
+        """Keyword (and the switch field) → the YAML key that names it in messages: the key the user wrote for it,
+        else that keyword under the prefix of the user's switch (or of their first key)."""
+        written = list(written)
+        switches = [k for k in written if k in self.prefixes]
+        first = switches[0] if switches else (written[0] if written else self.prefix)
+        prefix = self.prefix_of(first)
+        names = {
+            k.argument: prefix + k.yaml[len(self.prefix) :]
+            for k in self.keys.values()
+            if k.yaml.startswith(f"{self.prefix}_")
+        }
+        names.update({self.keys[k].argument: k for k in written if k in self.keys})
         if self.switch_field:
-            self._yaml[self.switch_field] = self.prefix
+            names[self.switch_field] = switches[0] if switches else prefix
+        return names
 
     @property
     def root(self) -> type[BaseModel]:
@@ -118,19 +152,21 @@ class FlatFamily:
         """``lambda_`` → ``self_distillation_lambda``: the trailing underscore of a keyword-named field goes."""
         return f"{self.prefix}_{python_name.rstrip('_')}"
 
-    def spell(self, loc: Loc, entry: Loc = ()) -> str:
-        """An error location of :attr:`root` as the YAML key (``("averager", "lag")`` → ``dpo_reference_lag``).
+    def spell(self, loc: Loc, entry: Loc = (), names: Mapping[str, str] | None = None) -> str:
+        """An error location of :attr:`root` as the YAML key (``("averager", "lag")`` → ``rl_reference_lag``).
 
-        ``entry``: a list entry that the keys fill directly (``("averagers", 0)`` for one averager).
+        ``entry``: a list entry that the keys fill directly (``("averagers", 0)`` for one averager); ``names``:
+        keyword → YAML key (:meth:`spelling` of the keys the user wrote; default: this prefix).
         """
+        names = names if names is not None else self.spelling()
         if entry and loc[: len(entry)] == entry:
             loc = loc[len(entry) :]
-        text = spelled(self.root, loc, lambda keyword: self._yaml.get(keyword) or self.key(keyword))
-        return text or self.prefix
+        text = spelled(self.root, loc, lambda keyword: names.get(keyword) or self.key(keyword))
+        return text or names.get(self.switch_field or "", self.prefix)
 
     @property
     def all_keys(self) -> list[str]:
-        return [self.prefix, *self.keys]
+        return [*self.prefixes, *self.keys]
 
     def switch_allowed(self, off: bool = True) -> str:
         """The values of the switch (``off``: with ``false``)."""
@@ -147,8 +183,8 @@ class FlatFamily:
         return values
 
     def unknown(self, keys: Iterable[Any]) -> list[str]:
-        start = f"{self.prefix}_"
-        return sorted(k for k in keys if isinstance(k, str) and k.startswith(start) and k not in self.keys)
+        starts = tuple(f"{p}_" for p in self.prefixes)
+        return sorted(k for k in keys if isinstance(k, str) and k.startswith(starts) and k not in self.keys)
 
     def field_definitions(self) -> dict[str, tuple[Any, FieldInfo]]:
         """``create_model`` definitions: every key optional (``None`` = unset), constraints kept."""
@@ -156,6 +192,9 @@ class FlatFamily:
         definitions: dict[str, tuple[Any, FieldInfo]] = {
             self.prefix: (Optional[switch_type], Field(None, description=self.description))  # noqa: UP045
         }
+        for alias in self.alias_prefixes:
+            description = f"alias of {self.prefix}: {self.description}"
+            definitions[alias] = (Optional[switch_type], Field(None, description=description))  # noqa: UP045
         for yaml, key in self.keys.items():
             description = key.info.description or ""
             if key.alias_of:
@@ -177,22 +216,45 @@ def _loosened(info: FieldInfo) -> Any:
 
 
 # ------------------------------------------------------------------------ error messages
-def _flat_error(exc: ValidationError, family: FlatFamily, entry: Loc = ()) -> ValueError:
+def _flat_error(
+    exc: ValidationError, family: FlatFamily, entry: Loc = (), names: Mapping[str, str] | None = None
+) -> ValueError:
     """A pydantic error of the Python config, each line naming the YAML key the user wrote (see ``errors.explain``).
 
     ``entry``: the list entry that the flat keys fill (``("averagers", 0)`` for one averager); inside a list the
-    user wrote as YAML, the entry's own names are the keys (``weight_averaging_averagers[1].decay``).
+    user wrote as YAML, the entry's own names are the keys (``weight_averaging_averagers[1].decay``). ``names``:
+    :meth:`FlatFamily.spelling` of the keys the user wrote.
     """
-    lines = explain(exc, family.models[-1], lambda loc: family.spell(loc, entry))
+    lines = explain(exc, family.models[-1], lambda loc: family.spell(loc, entry, names))
     return ValueError("; ".join(lines))
 
 
-def _switch_error(family: FlatFamily, switch: Any) -> SettingError:
+def _switch_error(family: FlatFamily, switch_key: str, switch: Any) -> SettingError:
     close = did_you_mean(switch, family.switch_values())
     hint = f"; did you mean {close!r}?" if close else ""
     return SettingError(
-        f"not {family.switch_noun}{hint}", field=family.prefix, value=switch, allowed=family.switch_allowed()
+        f"not {family.switch_noun}{hint}", field=switch_key, value=switch, allowed=family.switch_allowed()
     )
+
+
+def _one_spelling_each(family: FlatFamily, values: Mapping[str, Any]) -> None:
+    """Refuse a setting given under two of its keys (an alias and its key, or two prefixes), naming both."""
+    by_setting: dict[Any, list[str]] = {}
+    for yaml in values:
+        key = family.keys.get(yaml)
+        setting = ("switch",) if key is None else (key.keyword.path[:-1], key.python)
+        by_setting.setdefault(setting, []).append(yaml)
+    for setting, given in by_setting.items():
+        if len(given) < 2:
+            continue
+        canonical = family.prefix if setting == ("switch",) else family.key(setting[1])
+        given.sort(key=lambda k: (k != canonical, family.prefixes.index(family.prefix_of(k)), k))
+        aliases = "; ".join(f"{k} is an alias of {canonical}" for k in given if k != canonical)
+        raise SettingError(
+            f"set one of them, not both ({aliases})" if len(given) == 2 else f"set one of them ({aliases})",
+            settings={k: values[k] for k in given},
+            allowed=" or ".join(given),
+        )
 
 
 # ----------------------------------------------------------------------- unknown keys
@@ -209,8 +271,7 @@ def our_keys() -> list[str]:
 def _looks_like_ours(key: str) -> bool:
     """``key`` starts with one of our prefixes, or with something close to one, or is close to one of our keys."""
     folded = key.lower().replace("-", "_")
-    for family, _ in FAMILIES.values():
-        prefix = family.prefix
+    for prefix in (p for family, _ in FAMILIES.values() for p in family.prefixes):
         if folded == prefix or folded.startswith(f"{prefix}_"):
             return True
         heads = {folded[: len(prefix) + d] for d in (-1, 0, 1)}
@@ -233,45 +294,62 @@ def unknown_keys_error(unknown: list[str], cfg: Mapping[str, Any]) -> ValueError
     lines = []
     for key in unknown:
         suggestion = did_you_mean(key, our_keys(), cutoff=0.5)
-        family = next((f for f, _ in FAMILIES.values() if key.startswith(f.prefix)), None)
+        family = next((f for f, _ in FAMILIES.values() if key.startswith(f.prefixes)), None)
         candidates = family.all_keys if family is not None else our_keys()
         lines.append(unknown_key(key, cfg[key], candidates, suggestion))
     return ValueError("; ".join(lines))
 
 
 # ----------------------------------------------------------------------- conversion
-def _switched_values(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> tuple[Any, dict[str, Any]] | None:
-    """(switch, {yaml: value}) of an enabled family, None when it is off; checks unknown keys and aliases."""
+@dataclass(frozen=True)
+class Switched:
+    """An enabled family's keys as the user wrote them: the switch (key and value) and the other keys' values."""
+
+    key: str
+    switch: Any
+    values: dict[str, Any]
+
+    def names(self, family: FlatFamily) -> dict[str, str]:
+        """Keyword → the YAML key that names it in messages (:meth:`FlatFamily.spelling`)."""
+        return family.spelling([self.key, *self.values])
+
+
+def _switched_values(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> Switched | None:
+    """The keys of an enabled family, None when it is off; checks unknown keys and keys set twice."""
     if isinstance(cfg, Mapping):
         unknown = family.unknown(cfg.keys())
         if unknown:
             raise unknown_keys_error(unknown, cfg)
     values = family.pick(cfg)
-    switch = values.pop(family.prefix, None)
+    _one_spelling_each(family, values)
+    switch_key = next((p for p in family.prefixes if p in values), None)
+    switch = values.pop(switch_key, None) if switch_key is not None else None
     if switch is None:
         if values:
+            prefix = family.prefix_of(sorted(values)[0])
             raise SettingError(
-                f"set without {family.prefix}, which turns the feature on",
+                f"set without {prefix}, which turns the feature on",
                 settings=dict(sorted(values.items())),
-                allowed=f"with {family.prefix}: {family.switch_allowed(off=False)}",
+                allowed=f"with {prefix}: {family.switch_allowed(off=False)}",
             )
         return None
     if switch is False:
         if values:
-            message = f"{family.prefix}: false turns the feature off; {', '.join(sorted(values))} unused"
+            message = f"{switch_key}: false turns the feature off; {', '.join(sorted(values))} unused"
             warnings.warn(message, UserWarning, stacklevel=3)
         return None
     if switch is not True and (not isinstance(switch, str) or switch not in family.switch_values()):
-        raise _switch_error(family, switch)
-    for yaml in values:
-        alias_of = family.keys[yaml].alias_of
-        if alias_of is not None and alias_of in values:
-            raise SettingError(
-                f"set one of them, not both ({yaml} is an alias of {alias_of})",
-                settings={alias_of: values[alias_of], yaml: values[yaml]},
-                allowed=f"{alias_of} or {yaml}",
-            )
-    return switch, values
+        raise _switch_error(family, switch_key, switch)
+    return Switched(switch_key, switch, values)
+
+
+def switch_setting(family: FlatFamily, cfg: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(the switch key the user wrote, its value) where one is set and not ``false``; None otherwise."""
+    for key in family.prefixes:
+        value = cfg.get(key)
+        if value is not None and value is not False:
+            return key, value
+    return None
 
 
 def config_from_flat(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> BaseModel | None:
@@ -279,11 +357,10 @@ def config_from_flat(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> BaseMo
     switched = _switched_values(family, cfg)
     if switched is None:
         return None
-    switch, values = switched
-    kwargs = {family.keys[y].argument: v for y, v in values.items()}
-    if isinstance(switch, str) and family.switch_field:
-        kwargs[family.switch_field] = switch
-    return _validated(family, kwargs)
+    kwargs = {family.keys[y].argument: v for y, v in switched.values.items()}
+    if isinstance(switched.switch, str) and family.switch_field:
+        kwargs[family.switch_field] = switched.switch
+    return _validated(family, kwargs, names=switched.names(family))
 
 
 def flat_from_config(family: FlatFamily, config: BaseModel) -> dict[str, Any]:
@@ -327,7 +404,7 @@ def weight_averaging_config_from_flat(cfg: Mapping[str, Any] | Any) -> WeightAve
     switched = _switched_values(family, cfg)
     if switched is None:
         return None
-    switch, values = switched
+    switch, values = switched.switch, switched.values
     top = {k.python: values.pop(y) for y, k in family.keys.items() if k.model is WeightAveragingConfig and y in values}
     spec = {family.keys[y].argument: v for y, v in values.items()}
     beside_list = ", ".join(family.key(f) for f in top_fields(WeightAveragingConfig))
@@ -357,13 +434,16 @@ def weight_averaging_config_from_flat(cfg: Mapping[str, Any] | Any) -> WeightAve
     return _validated(family, {"averagers": [{"method": switch, **spec}], **top}, entry=_ONE_AVERAGER)
 
 
-def _validated(family: FlatFamily, data: dict[str, Any], entry: Loc = ()) -> Any:
-    """``family.root`` from ``data``; an error names the YAML keys (``entry``: the list entry the keys fill)."""
+def _validated(
+    family: FlatFamily, data: dict[str, Any], entry: Loc = (), names: Mapping[str, str] | None = None
+) -> Any:
+    """``family.root`` from ``data``; an error names the YAML keys (``entry``: the list entry the keys fill;
+    ``names``: how the user spelled them)."""
     try:
         with raw_errors():
             return family.root.model_validate(data)
     except ValidationError as exc:
-        raise _flat_error(exc, family, entry) from None
+        raise _flat_error(exc, family, entry, names) from None
 
 
 def flat_from_weight_averaging_config(config: WeightAveragingConfig) -> dict[str, Any]:
@@ -419,23 +499,48 @@ def self_distillation_config_from_flat(cfg: Mapping[str, Any] | Any) -> SelfDist
     return config
 
 
-# ------------------------------------------------------------------------- DPO reference
-DPO_REFERENCE = FlatFamily(
-    prefix="dpo_reference",
-    models=(DPOReferenceConfig,),
+# -------------------------------------------------------------------------- RLHF reference
+RL_REFERENCE = FlatFamily(
+    prefix="rl_reference",
+    models=(ReferenceConfig,),
     description=(
-        "the rule that moves DPO's 'ref' adapter: an averager of the policy adapter (bema | ema | dema | ouema, "
-        "or a registered name) or tr_dpo; true: bema; false or unset: off (TRL's frozen reference)"
+        "the rule that moves the RLHF reference (the 'ref' adapter; rl: dpo | ipo | kto | grpo | gdpo): an averager "
+        "of the policy adapter (bema | ema | dema | ouema, or a registered name) or tr_dpo; true: bema; false or "
+        "unset: off (TRL's frozen reference)"
     ),
     switch_field="method",
     switch_values=reference_methods,
     switch_noun="a reference update rule, true or false",
+    alias_prefixes=("dpo_reference",),
+)
+#: the family under its earlier name
+DPO_REFERENCE = RL_REFERENCE
+
+
+def reference_config_from_flat(cfg: Mapping[str, Any] | Any) -> ReferenceConfig | None:
+    """The :class:`ReferenceConfig` that ``rl_reference*`` keys (or their aliases ``dpo_reference*``) describe, or
+    None when off."""
+    return config_from_flat(RL_REFERENCE, cfg)
+
+
+#: the function under its earlier name
+dpo_reference_config_from_flat = reference_config_from_flat
+
+
+# ------------------------------------------------------------------------- post-hoc EMA
+POSTHOC_EMA = FlatFamily(
+    prefix="posthoc_ema",
+    models=(PostHocEMAConfig,),
+    description=(
+        "true: record power-function EMAs as snapshots in output_dir/posthoc/, to synthesize the EMA of any "
+        "σ_rel after training (ema-export --posthoc-sigma-rel); false or unset: off"
+    ),
 )
 
 
-def dpo_reference_config_from_flat(cfg: Mapping[str, Any] | Any) -> DPOReferenceConfig | None:
-    """The :class:`DPOReferenceConfig` that ``dpo_reference*`` keys describe, or None when off."""
-    return config_from_flat(DPO_REFERENCE, cfg)
+def posthoc_ema_config_from_flat(cfg: Mapping[str, Any] | Any) -> PostHocEMAConfig | None:
+    """The :class:`PostHocEMAConfig` that ``posthoc_ema*`` keys describe, or None when off."""
+    return config_from_flat(POSTHOC_EMA, cfg)
 
 
 # ----------------------------------------------------------------- registry and checks
@@ -443,7 +548,8 @@ def dpo_reference_config_from_flat(cfg: Mapping[str, Any] | Any) -> DPOReference
 FAMILIES: dict[str, tuple[FlatFamily, Callable[[Any], Any]]] = {
     WEIGHT_AVERAGING.prefix: (WEIGHT_AVERAGING, weight_averaging_config_from_flat),
     SELF_DISTILLATION.prefix: (SELF_DISTILLATION, self_distillation_config_from_flat),
-    DPO_REFERENCE.prefix: (DPO_REFERENCE, dpo_reference_config_from_flat),
+    RL_REFERENCE.prefix: (RL_REFERENCE, reference_config_from_flat),
+    POSTHOC_EMA.prefix: (POSTHOC_EMA, posthoc_ema_config_from_flat),
 }
 
 

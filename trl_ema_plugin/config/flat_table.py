@@ -24,8 +24,24 @@ def table_rows() -> list[tuple[str, ...]]:
     for family, _ in FAMILIES.values():
         rows.append(_switch_row(family))
         for key in family.keys.values():
-            rows.append(_key_row(key))
+            if family.prefix_of(key.yaml) == family.prefix:
+                rows.append(_key_row(key))
+        rows.extend(_alias_row(family, alias) for alias in family.alias_prefixes)
     return rows
+
+
+def _alias_row(family: FlatFamily, alias: str) -> tuple[str, ...]:
+    """One row for a whole earlier spelling of the family (``dpo_reference*``)."""
+    model = family.root.__name__
+    return (
+        f"{alias}*",
+        f"{model} (same fields)",
+        "",
+        f"as the {family.prefix} key",
+        "",
+        f"earlier spelling: `{alias}` and each `{alias}_*` key are aliases of `{family.prefix}` and the "
+        f"`{family.prefix}_*` key with the same suffix; a setting given in both spellings is an error",
+    )
 
 
 def _switch_row(family: FlatFamily) -> tuple[str, ...]:

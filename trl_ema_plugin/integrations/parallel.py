@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..distributed import world_size
 from ..model_helpers import is_peft_model
-from ..shadow import LocalLayout, ShadowLayout
+from ..shadow import LocalLayout, ShadowLayout, trainable_parameters
+from ..shadow.runner import UpdateRunner, build_runner, choose_schedule
 
 
 def _stage_of(ds_config: Any) -> int | None:
@@ -109,3 +111,15 @@ def pack_adapter_weights(layout: ShadowLayout, model: nn.Module, args: Any) -> b
     if not isinstance(layout, LocalLayout) or zero_stage(args) is not None or not is_peft_model(model):
         return False
     return layout.make_contiguous()
+
+
+def trainable_shadow(model: nn.Module, args: Any, offload: bool) -> tuple[ShadowLayout, torch.device, UpdateRunner]:
+    """For averages of the trainable weights of ``model`` (unwrapped): the layout (:func:`build_layout`, a PEFT
+    adapter laid out flat by :func:`pack_adapter_weights`), the shadow device (CPU when ``offload``, else the
+    weights' device) and the update runner (:func:`~trl_ema_plugin.shadow.runner.choose_schedule`); one runner
+    shared by all averages of a callback reads θ_t once per step for all of them."""
+    layout = build_layout(trainable_parameters(model), args, model=model)
+    pack_adapter_weights(layout, model, args)  # θ is then read as one tensor
+    device = torch.device("cpu") if offload else layout.device
+    schedule = choose_schedule(layout, offload, engine_restores_model(args, model))
+    return layout, device, build_runner(schedule, layout, device)

@@ -53,6 +53,11 @@ def profile_name(sigma_rel: float) -> str:
     return f"sigma_rel_{float(sigma_rel)!r}"
 
 
+def is_snapshot_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is named as a snapshot (``snapshot-<step>.safetensors``)."""
+    return _SNAPSHOT_FILE.fullmatch(Path(path).name) is not None
+
+
 def snapshot_path(folder: str | os.PathLike[str], global_step: int) -> Path:
     return Path(folder) / f"snapshot-{global_step:08d}.safetensors"
 
@@ -242,7 +247,7 @@ def list_snapshots(folder: str | os.PathLike[str]) -> list[Snapshot]:
     """Every snapshot of a run (``output_dir`` or its ``posthoc/``), checked, by step. Snapshots of one run
     share the start of averaging and the tracked parameters; anything else is an error naming both files."""
     folder = resolve_posthoc_folder(folder)
-    paths = [p for p in folder.iterdir() if _SNAPSHOT_FILE.fullmatch(p.name)]
+    paths = [p for p in folder.iterdir() if is_snapshot_file(p)]
     snapshots = sorted((read_snapshot(p) for p in paths), key=lambda s: s.global_step)
     for snapshot in snapshots[1:]:
         _check_same_run(snapshots[0], snapshot)

@@ -116,6 +116,18 @@ def combine(plan: SynthesisPlan, extra: tuple[tuple[str | os.PathLike[str], floa
     return out
 
 
+def live_weights(folder: str | os.PathLike[str], step: int | None = None) -> dict[str, Tensor]:
+    """θ at snapshot ``step`` (default: the last), fp32 tensors by parameter name: the raw weights, no averaging."""
+    snapshots = list_snapshots(folder)
+    if not snapshots:
+        raise FileNotFoundError(f"{resolve_posthoc_folder(folder)} holds no snapshot-<step>.safetensors")
+    target = _target(snapshots, step, folder)
+    if not target.has_theta:
+        raise ValueError(f"{target.path} holds no live weights θ (written without keep_weights)")
+    with safe_open(str(target.path), framework="pt") as handle:
+        return {n: handle.get_tensor(f"{THETA}/{n}").to(torch.float32) for n in target.parameters}
+
+
 def synthesize_bema(
     folder: str | os.PathLike[str], sigma_rel: float, alpha: float, step: int | None = None
 ) -> dict[str, Tensor]:

@@ -5,15 +5,17 @@ Hooks, in the order Axolotl calls them:
 * ``get_input_args``: the pydantic model of our keys, validated with Axolotl's config;
 * ``add_callbacks_post_trainer(cfg, trainer)``: a :class:`WeightAveragingCallback` built from
   the ``weight_averaging*`` keys, a :class:`SelfDistillationCallback` from the
-  ``self_distillation*`` keys (SFT and ``rl: dpo`` alike) and an :class:`AveragedReferenceCallback`
-  from the ``dpo_reference*`` keys (``rl: dpo``);
+  ``self_distillation*`` keys (SFT, ``rl: dpo | ipo | grpo | gdpo``), an :class:`AveragedReferenceCallback`
+  from the ``rl_reference*`` keys (or their aliases ``dpo_reference*``; ``rl: dpo | ipo | kto | grpo | gdpo``)
+  and a :class:`PostHocEMACallback` from the ``posthoc_ema*`` keys;
 * ``post_trainer_create(cfg, trainer)``: :func:`trl_ema_plugin.attach` hands the trainer to every
   feature's callback (full averaged evaluation metrics, resume from any path, the teacher adapter,
   the distillation loss term, the ``"ref"`` adapter), before ``trainer.train()`` builds a DeepSpeed
   engine, so ZeRO-3 partitions the added adapters too.
 
-No model-load hook is needed: for ``rl: dpo`` Axolotl hands ``peft_config`` to TRL's trainer, which
-wraps the model itself, so the ``"ref"`` adapter can only be added once the trainer exists.
+No model-load hook is needed: for ``rl: dpo`` and ``kto`` Axolotl hands ``peft_config`` to TRL's trainer, which
+wraps the model itself, so the ``"ref"`` adapter can only be added once the trainer exists (for ``rl: grpo``
+Axolotl hands over a PeftModel and TRL adds ``"ref"``).
 """
 
 from __future__ import annotations
@@ -24,21 +26,24 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 
 from ...config.flat_keys import (
-    dpo_reference_config_from_flat,
+    posthoc_ema_config_from_flat,
+    reference_config_from_flat,
     self_distillation_config_from_flat,
     weight_averaging_config_from_flat,
 )
 from ..trl import WeightAveragingCallback, attach
 from ..trl.attach import plugin_callbacks
 from ..trl.distillation import SelfDistillationCallback
-from ..trl.dpo_reference import AveragedReferenceCallback
+from ..trl.posthoc import PostHocEMACallback
+from ..trl.reference import AveragedReferenceCallback
 from .args import ARGS_PATH
 
 logger = logging.getLogger(__name__)
 
 
 class WeightAveragingPlugin(BasePlugin):
-    """Weight averaging, self-distillation and a moving DPO reference for ``axolotl train``, set by YAML keys."""
+    """Weight averaging, self-distillation, a moving RLHF reference and post-hoc EMA for ``axolotl train``, by YAML
+    keys."""
 
     def get_input_args(self) -> str:
         return ARGS_PATH
@@ -54,10 +59,14 @@ class WeightAveragingPlugin(BasePlugin):
         if distillation is not None:
             logger.info("trl_ema_plugin: self-distillation, λ=%s, τ=%s", distillation.lambda_, distillation.temperature)
             callbacks.append(SelfDistillationCallback(config=distillation))
-        reference = dpo_reference_config_from_flat(cfg)
+        reference = reference_config_from_flat(cfg)
         if reference is not None:
-            logger.info("trl_ema_plugin: DPO reference adapter follows %s", reference.method)
+            logger.info("trl_ema_plugin: the reference adapter ('ref') follows %s (rl: %s)", reference.method, cfg.rl)
             callbacks.append(AveragedReferenceCallback(config=reference))
+        posthoc = posthoc_ema_config_from_flat(cfg)
+        if posthoc is not None:
+            logger.info("trl_ema_plugin: post-hoc EMA snapshots of sigma_rel %s", posthoc.sigma_rels)
+            callbacks.append(PostHocEMACallback(config=posthoc))
         return callbacks
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:

@@ -20,10 +20,10 @@ from ...distributed import is_writer
 from ...model_files import write_averaged_weights
 from ...model_helpers import unwrap_model
 from ...persistence import averager_folder, write_state_folder
-from ...shadow import AveragedWeights, trainable_parameters
-from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
+from ...shadow import AveragedWeights
+from ...shadow.runner import UpdateRunner
 from ...shadow.store import step_together
-from ..parallel import build_layout, engine_restores_model, pack_adapter_weights
+from ..parallel import trainable_shadow
 from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
 from .lifecycle import PluginCallback, never_updates
 from .trainer_kinds import evaluates_without_labels, trainer_kind
@@ -84,14 +84,9 @@ class WeightAveragingCallback(PluginCallback):
     def setup(self, model: nn.Module, args: TrainingArguments) -> None:
         """Build the shadow stores for ``model`` (done by ``on_train_begin``)."""
         self.model = unwrap_model(model)
-        named = trainable_parameters(self.model)
-        layout = build_layout(named, args, model=self.model)
-        pack_adapter_weights(layout, self.model, args)  # θ is then read as one tensor
-        device = torch.device("cpu") if self.config.offload else layout.device
+        layout, device, self.runner = trainable_shadow(self.model, args, self.config.offload)
         # the trainer loads the best checkpoint before on_train_end: the export must not read those weights as θ_T
         moves = bool(getattr(args, "load_best_model_at_end", False))
-        schedule = choose_schedule(layout, self.config.offload, engine_restores_model(args, self.model))
-        self.runner = build_runner(schedule, layout, device)  # shared: θ_t is read once per step for all averagers
         self.weights = {
             spec.label: AveragedWeights(spec, layout, device, moves, self.runner, self.config.on_nonfinite)
             for spec in self.config.averagers

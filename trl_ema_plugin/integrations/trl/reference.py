@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from ...config.dpo_reference import DPOReferenceConfig
+from ...config.reference import ReferenceConfig
 from ...model_helpers import is_peft_model, unwrap_model
 from ...persistence import write_state_folder
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
@@ -88,7 +88,7 @@ class AveragedReferenceCallback(PluginCallback):
 
     ``DPOTrainer(model=peft_model, ..., callbacks=[AveragedReferenceCallback(method="bema",
     update_every=1, ref_update_every=32)])``. Arguments are the fields of
-    :class:`~trl_ema_plugin.config.dpo_reference.DPOReferenceConfig`. Standalone: it keeps its own
+    :class:`~trl_ema_plugin.config.reference.ReferenceConfig`. Standalone: it keeps its own
     average, independent of ``WeightAveragingCallback``. GRPO and RLOO need :func:`trl_ema_plugin.attach`
     (the reference is written at their generation batches, see the module docstring).
 
@@ -101,10 +101,10 @@ class AveragedReferenceCallback(PluginCallback):
     writes the reference adapter to ``checkpoint-N/ref/``, loadable with ``PeftModel.from_pretrained``.
     """
 
-    config_class = DPOReferenceConfig
-    config: DPOReferenceConfig
+    config_class = ReferenceConfig
+    config: ReferenceConfig
 
-    def __init__(self, method: str | None = None, *, config: DPOReferenceConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, method: str | None = None, *, config: ReferenceConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config, **({"method": method} if method is not None else {}), **kwargs)
         self.weights: AveragedWeights | None = None
         self.policy: ShadowLayout | None = None
