@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 from trl_helpers import WeightRecorder, lora_config, sft_trainer
 
-from trl_ema_plugin import AveragerSpec, WeightAveragingCallback, attach
+from trl_ema_plugin import AveragerSpec, PostHocEMACallback, WeightAveragingCallback, attach
 from trl_ema_plugin.config.flat_keys import weight_averaging_config_from_flat
 from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
@@ -279,6 +279,22 @@ def test_dpo_reference_averager_skips_the_nonfinite_step(tmp_path):
     got = reference.reference_tensors()
     for name, tensor in expected.items():
         assert torch.equal(got[name.replace(".default.", ".ref.")], tensor), name
+
+
+def test_posthoc_emas_skip_the_nonfinite_step_warned_counted_and_checkpointed(tmp_path):
+    """The post-hoc recorder's power EMAs skip the step like the averaging callback's; the logs count it, and the
+    checkpoint state (staged before the trainer's checkpoint) records it."""
+    posthoc = PostHocEMACallback(sigma_rels=[0.05], every=2, update_after=1)
+    trainer = sft_trainer(str(tmp_path), [NaNAfterStep(K), posthoc], save_strategy="steps", save_steps=4)
+    with pytest.warns(UserWarning, match=rf"averager 'sigma_rel_0.05' skipped its update at step {K}"):
+        trainer.train()
+    assert logged(trainer, "posthoc_ema/sigma_rel_0.05/skipped_updates") == [(t, 1.0) for t in range(K, 7)]
+    (weights,) = posthoc.recorder.weights.values()
+    assert weights.averager.skipped_updates == 1
+    assert all(torch.isfinite(b).all() for b in weights.averager.buffers.values())
+    metadata = json.loads((tmp_path / "checkpoint-4" / "posthoc_ema" / STATE_JSON).read_text())
+    assert metadata["averagers"]["sigma_rel_0.05"]["counters"]["skipped_updates"] == 1
+    assert not (tmp_path / ".trl_ema_plugin").exists()
 
 
 class TeacherRecorder(TrainerCallback):
