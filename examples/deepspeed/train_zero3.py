@@ -2,13 +2,13 @@
 
 On GPUs (a model folder or hub id, the repo's ZeRO-3 config):
 
-    deepspeed --num_gpus 4 integrations/deepspeed/train_zero3.py \\
+    deepspeed --num_gpus 4 examples/deepspeed/train_zero3.py \\
         --model Qwen/Qwen2.5-0.5B --deepspeed example_configs/deepspeed_zero3.json --bf16
 
 On this repository's CPU machines (tiny model built in code, about a minute; the first DeepSpeed
 run compiles a communication op for ~70 s):
 
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 integrations/deepspeed/train_zero3.py --cpu
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 examples/deepspeed/train_zero3.py --cpu
 
 ``accelerate launch --use_deepspeed --zero_stage 3 --num_processes N train_zero3.py`` works too
 (leave ``--deepspeed`` out then: accelerate's plugin supplies the config). Nothing in the

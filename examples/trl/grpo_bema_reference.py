@@ -1,7 +1,7 @@
 """Runnable example: GRPO + LoRA with a moving BEMA reference, the averaged policy and on-policy self-distillation
 (CPU, seconds).
 
-python integrations/trl/grpo_bema_reference.py
+python examples/trl/grpo_bema_reference.py
 
 GRPOTrainer computes the reference log-probs once per generation batch (here one batch per 2 optimizer steps,
 ``steps_per_generation=2``) through the "ref" adapter. AveragedReferenceCallback writes the BEMA average of the

@@ -1,6 +1,6 @@
 """Runnable example: SFTTrainer + LoRA + BEMA on a tiny model built in code (seconds on CPU).
 
-python integrations/trl/sft_bema.py
+python examples/trl/sft_bema.py
 """
 
 from __future__ import annotations

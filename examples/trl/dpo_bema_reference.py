@@ -1,6 +1,6 @@
 """Runnable example: DPO + LoRA with a moving reference, the BEMA average of the policy adapter (CPU, seconds).
 
-python integrations/trl/dpo_bema_reference.py
+python examples/trl/dpo_bema_reference.py
 
 The reference policy is the base model plus the "ref" adapter. TRL's DPOTrainer adds that adapter
 (a frozen copy of the starting policy adapter) when it is given a PeftModel; AveragedReferenceCallback
