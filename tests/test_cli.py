@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from trl import SFTTrainer
 from trl_ema_plugin.cli.export import find_averaged_folder, main
 from trl_ema_plugin.config.flat_keys import weight_averaging_config_from_flat
 from trl_ema_plugin.integrations.trl import WeightAveragingCallback
+from trl_ema_plugin.persistence import file_digest
 
 LORA_R, LORA_ALPHA = 4, 8
 # the run is configured with the YAML keys an Axolotl user writes: one source for both
@@ -180,3 +182,87 @@ def test_axolotl_command_entry_point_and_click_command(run, tmp_path):
         command, ["--source", str(run / "out" / "checkpoint-4"), "--name", "nope", "--output", str(tmp_path / "y")]
     )
     assert result.exit_code == 1 and "no averager named 'nope'" in result.output
+
+
+# ----------------------------------------------------------------- what the export reads and writes
+@pytest.fixture
+def damaged(run, tmp_path) -> Path:
+    """A copy of the run whose final averaged adapter lost its second half."""
+    out = tmp_path / "damaged"
+    shutil.copytree(run / "out", out)
+    adapter = out / "averaged" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
+    return out
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["copy", "merge"])
+def test_a_truncated_averaged_adapter_is_an_error_naming_it(damaged, tmp_path, capsys, merge):
+    adapter = damaged / "averaged" / "adapter_model.safetensors"
+    out = tmp_path / "exported"
+    assert main([str(damaged), "-o", str(out), *(["--merge"] if merge else [])]) == 2
+    err = capsys.readouterr().err
+    assert f"ema-export: error: {adapter} is damaged: it has" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_damaged_adapter_without_checksums_is_found_by_loading_it(damaged, tmp_path, capsys):
+    """A folder of format 1 (written before checksums): the weight file itself is read, tensor by tensor."""
+    state = damaged / "averaged" / "averager_state.json"
+    metadata = json.loads(state.read_text())
+    del metadata["files"]
+    state.write_text(json.dumps({**metadata, "format_version": 1}))
+    assert main([str(damaged), "-o", str(tmp_path / "exported")]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged / 'averaged' / 'adapter_model.safetensors'} is damaged: it does not load" in err
+
+
+def test_a_damaged_state_file_is_named_too(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run / "out", out)
+    state = out / "checkpoint-4" / "averaged-ema_05" / "averager_state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-1] ^= 0xFF
+    state.write_bytes(bytes(data))
+    assert main([str(out / "checkpoint-4"), "--name", "ema_05", "-o", str(tmp_path / "x")]) == 2
+    assert f"{state} is damaged: its sha256 differs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("base", ["missing/base/model", "./base", "/nonexistent/base"])
+def test_a_base_model_folder_that_does_not_exist_is_named(run, tmp_path, capsys, base):
+    out = tmp_path / "merged"
+    assert main([str(run / "out"), "-o", str(out), "--merge", "--base-model", base]) == 2
+    err = capsys.readouterr().err
+    assert f"--base-model {base}: no such folder" in err and "Repo id" not in err
+
+
+def test_a_base_model_recorded_in_the_adapter_that_is_gone_is_named(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run / "out", out)
+    config = out / "averaged" / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    settings["base_model_name_or_path"] = str(tmp_path / "moved" / "base")
+    config.write_text(json.dumps(settings))
+    state = out / "averaged" / "averager_state.json"  # the edit is deliberate: record the new checksum
+    metadata = json.loads(state.read_text())
+    metadata["files"]["adapter_config.json"] = file_digest(config)
+    state.write_text(json.dumps(metadata))
+    assert main([str(out), "-o", str(tmp_path / "merged"), "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'averaged'}/adapter_config.json's base model {tmp_path / 'moved' / 'base'}: no such folder" in err
+
+
+def test_what_is_written_is_read_back(run, tmp_path, capsys, monkeypatch):
+    """A copy that does not reach the disk intact (here: cut short after copying) is an error naming it."""
+    import trl_ema_plugin.cli.export as export
+
+    copy2 = shutil.copy2
+
+    def copy_then_cut(source, target):
+        copy2(source, target)
+        if Path(target).name == "adapter_model.safetensors":
+            Path(target).write_bytes(Path(target).read_bytes()[:-1])
+
+    monkeypatch.setattr(export.shutil, "copy2", copy_then_cut)
+    out = tmp_path / "exported"
+    assert main([str(run / "out"), "-o", str(out)]) == 2
+    assert f"{out / 'adapter_model.safetensors'} differs from" in capsys.readouterr().err

@@ -138,6 +138,16 @@ def test_the_per_step_path_calls_no_collective(run):
 
 
 @slow
+def test_a_nonfinite_shard_is_skipped_by_its_own_rank_and_counted_over_the_ranks(run):
+    """NaN in rank 1's shard only: rank 1 skips the update and rank 0 applies it, with no collective in the step;
+    the ranks' counts compared when saving are 0 to 1, and no average holds the NaN."""
+    facts = [r["nonfinite"] for r in run["report"]["ranks"]]
+    assert [f["skipped"] for f in facts] == [0, 1]
+    for f in facts:
+        assert f["collectives_in_the_step"] == 0 and f["over_ranks"] == [0, 1] and f["finite"], f
+
+
+@slow
 def test_mixed_precision_averages_the_fp32_sharded_parameters(run):
     ranks = run["report"]["ranks"]
     assert {r["sharded_dtype"] for r in ranks} == {"torch.float32"}

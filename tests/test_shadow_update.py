@@ -60,20 +60,25 @@ def trajectory(steps: int, dtype: torch.dtype, seed: int = 0) -> list[list[torch
     return out
 
 
-def by_list_api(settings: dict, traj: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The per-tensor path: the averager driven with lists of fp32 tensors (one foreach call per op)."""
+def by_list_api(settings: dict, traj: list[list[torch.Tensor]], skip: int | None = None) -> dict[str, torch.Tensor]:
+    """The per-tensor path: the averager driven with lists of fp32 tensors (one foreach call per op); step ``skip``
+    (if any) skipped as a non-finite step."""
     spec = AveragerSpec(**settings)
     averager = spec.build()
     averager.allocate([t.numel() for t in traj[0]], "cpu")
     flat = [[t.float().reshape(-1) for t in step] for step in traj]
     for t, theta in enumerate(flat):
-        if not averager.started and t >= spec.update_after:
+        due = (not averager.started and t >= spec.update_after) or (averager.started and spec.is_update_step(t))
+        if t == skip and due:
+            averager.skip(t)
+        elif not averager.started and t >= spec.update_after:
             averager.start(theta, t)
         elif averager.started and spec.is_update_step(t):
             averager.update(theta, t)
     out = [torch.empty_like(x) for x in flat[-1]]
     averager.average_into(out, flat[-1], len(flat) - 1)
-    return {"out": torch.cat(out), **{k: v.clone() for k, v in averager.buffers.items()}}
+    counters = {k: getattr(averager, k) for k in ("skipped_updates", "last_skipped_step", "num_updates")}
+    return {"out": torch.cat(out), "counters": counters, **{k: v.clone() for k, v in averager.buffers.items()}}
 
 
 def make_runner(layout: LocalLayout, chunk: int, schedule: str) -> UpdateRunner:
@@ -119,6 +124,35 @@ def test_every_read_of_theta_gives_the_per_tensor_results_bit_for_bit(dtype, lay
     if schedule == "inline":
         assert runner.reader.mode == expected_mode[dtype]
         assert runner.reader.memory_bytes() == (0 if dtype == torch.float32 else 4 * min(chunk, 46))
+
+
+@pytest.mark.parametrize(("dtype", "layout_kind", "chunk", "schedule"), CASES)
+@pytest.mark.parametrize(("step", "tensor", "value"), [(2, 0, "nan"), (3, -1, "-inf"), (4, 2, "inf")])
+def test_every_read_of_theta_skips_a_nonfinite_step(dtype, layout_kind, chunk, schedule, step, tensor, value):
+    """NaN or ±inf in the first, a middle or the last tensor (the first or the last chunk) at a start or update
+    step: every due averager skips that step, and the results are those of the per-tensor math without it."""
+    traj = trajectory(7, dtype)
+    traj[step][tensor].view(-1)[-1] = float(value)
+    params, layout = live_params(traj, layout_kind)
+    runner = make_runner(layout, chunk, schedule)
+    weights = {name: AveragedWeights(AveragerSpec(**s), layout, "cpu", runner=runner) for name, s in SPECS.items()}
+    for t, theta in enumerate(traj):
+        runner.before_weights_change()
+        write(params, theta)
+        step_together(list(weights.values()), t)
+        if t == step:  # the check's buffers are made at the first update, never per step
+            buffers = [(b.data_ptr(), b.numel()) for b in runner.finite.buffers.values()]
+    assert [(b.data_ptr(), b.numel()) for b in runner.finite.buffers.values()] == buffers
+    runner.close()
+    skipped = [name for name, w in weights.items() if w.averager.last_skipped_step == step]
+    assert len(skipped) >= 4, skipped  # those due at that step (DEMA updates at odd steps, bema_sparse at even)
+    for name, w in weights.items():
+        expected = by_list_api(SPECS[name], traj, skip=step)
+        counters = {k: getattr(w.averager, k) for k in ("skipped_updates", "last_skipped_step", "num_updates")}
+        assert counters == expected["counters"], name
+        for buffer, got in w.averager.buffers.items():
+            assert torch.equal(got, expected[buffer]), f"{name}/{buffer}"
+        assert torch.equal(torch.cat(w.average_local(len(traj) - 1)), expected["out"]), name
 
 
 def test_float32_oracle_replays_the_flat_update_exactly():

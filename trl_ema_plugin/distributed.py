@@ -4,7 +4,7 @@
   (:func:`is_writer`);
 * where a tensor must be to take part in a collective (:func:`communication_device`);
 * gather equal-size 1-D pieces from every rank (:func:`all_gather_rows`), OR flags over the ranks
-  (:func:`all_reduce_max_flags`).
+  (:func:`all_reduce_max_flags`), the largest of integers over the ranks (:func:`all_reduce_max_ints`).
 """
 
 from __future__ import annotations
@@ -71,9 +71,14 @@ def all_gather_rows(local: Tensor, group: dist.ProcessGroup | None = None) -> Te
 
 def all_reduce_max_flags(flags: list[bool], device: torch.device, group: dist.ProcessGroup | None = None) -> list[bool]:
     """Element-wise OR of boolean flags over the ranks of ``group`` (so every rank agrees)."""
-    if not flags:
+    return [bool(x) for x in all_reduce_max_ints([int(f) for f in flags], device, group)]
+
+
+def all_reduce_max_ints(values: list[int], device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
+    """Element-wise maximum of integers over the ranks of ``group`` (one ``all_reduce``)."""
+    if not values:
         return []
     comm = communication_device(device, group)
-    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=comm)
+    tensor = torch.tensor(values, dtype=torch.int64, device=comm)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return [bool(x) for x in tensor.tolist()]
+    return [int(x) for x in tensor.tolist()]

@@ -108,8 +108,10 @@ class Inspector(TrainerCallback):
         self._gathers_before_step = self.gathers
 
     def on_step_end(self, args, state, control, **kwargs):
-        # the averaging callback ran its on_step_end (the update) just before this one
-        self.gathers_in_steps += self.gathers - self._gathers_before_step
+        # the averaging callback ran its on_step_end (the update) just before this one; at a step the trainer
+        # saves after, it also staged the checkpoint's state there (the save's gathers, counted in `gathers`)
+        if not control.should_save:
+            self.gathers_in_steps += self.gathers - self._gathers_before_step
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         self.after_eval[state.global_step] = gathered_trainable(model, f"after eval {state.global_step}")

@@ -160,8 +160,29 @@ def run(output_dir: str, reshard_after_forward: bool, bf16: bool, full: bool) ->
             for b in w.averager.buffers
             for i in range(len(layout.names))
         )
+    # NaN in rank 1's shard only, at step STEPS + 1: rank 1 skips the EMA's update, rank 0 applies it, and the
+    # step communicates nothing; the ranks compare their counts when saving
+    ema, local = weights["ema"], layout.local_tensors()
+    poisoned = next(x for x in local if x.numel() > 0)
+    kept = poisoned[0].clone()
+    if rank == 1:
+        with torch.no_grad():
+            poisoned[0] = float("nan")
+    nonfinite_step = CollectiveCounter()
+    with nonfinite_step.counting():
+        ema.step(STEPS + 1)
+    with torch.no_grad():
+        poisoned[0] = kept
+    ema.state_tensors()  # what a save does: the ranks compare their counts
+    nonfinite = {
+        "skipped": ema.averager.skipped_updates,
+        "collectives_in_the_step": nonfinite_step.count,
+        "over_ranks": list(ema.rank_skips or ()),
+        "finite": all(bool(torch.isfinite(b).all()) for b in ema.averager.buffers.values()),
+    }
     mine = {
         **layout_facts(rank, weights),
+        "nonfinite": nonfinite,
         "local_rows": {n: list(rows) for n, rows in zip(layout.names, getattr(layout, "rows", []), strict=False)},
         "sharded_dtype": str(layout.dtype),
         "forward_dtypes": sorted(forward_dtypes),

@@ -85,9 +85,11 @@ class Inspector(TrainerCallback):
         self.writes = 0
         original_step = averaging.on_step_end
 
-        def counted_step(*args, **kwargs):
+        def counted_step(args, state, control, **kwargs):
+            if control.should_save:  # the averaging callback stages the checkpoint's state here: the save's gathers
+                return original_step(args, state, control, **kwargs)
             with self.counter.counting():
-                return original_step(*args, **kwargs)
+                return original_step(args, state, control, **kwargs)
 
         averaging.on_step_end = counted_step
 

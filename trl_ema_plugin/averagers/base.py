@@ -10,7 +10,8 @@ Life cycle, driven by :class:`trl_ema_plugin.shadow.AveragedWeights`:
 * ``allocate(sizes, device)`` once;
 * ``start(theta, t)`` at ``t == update_after`` (snapshot, e.g. θ0 and EMA_0);
 * ``update(theta, t)`` at each later update step;
-* ``average_into(out, theta, t)`` whenever the averaged weights are needed.
+* ``average_into(out, theta, t)`` whenever the averaged weights are needed;
+* ``skip(t)`` instead of ``start``/``update`` when θ_t holds NaN or inf (the shadow store checks).
 
 θ is a list of per-tensor fp32 tensors (sizes as allocated). An averager that sets
 :attr:`Averager.flat_math` also takes θ as one flat fp32 tensor, possibly a *window*
@@ -61,6 +62,8 @@ class Averager(ABC):
         self.last_update_step: int | None = None
         self._views: dict[str, list[Tensor]] = {}
         self._window: tuple[int, int] | None = None  # None: every element
+        self.skipped_updates = 0  # starts and updates skipped because θ_t was not finite
+        self.last_skipped_step: int | None = None
 
     # ----------------------------------------------------------------- state
     def allocate(self, sizes: list[int], device: torch.device | str) -> None:
@@ -122,12 +125,32 @@ class Averager(ABC):
             "num_updates": self.num_updates,
             "started_at": self.started_at,
             "last_update_step": self.last_update_step,
+            "skipped_updates": self.skipped_updates,
+            "last_skipped_step": self.last_skipped_step,
         }
 
     def load_counters(self, counters: dict[str, Any]) -> None:
+        """Restore :meth:`counters` (the skip counters are absent from states saved before they existed)."""
         self.num_updates = int(counters["num_updates"])
         self.started_at = counters["started_at"]
         self.last_update_step = counters["last_update_step"]
+        self.skipped_updates = int(counters.get("skipped_updates", 0))
+        self.last_skipped_step = counters.get("last_skipped_step")
+
+    def skip(self, t: int) -> None:
+        """Leave the state as it is at step ``t`` (θ_t was not finite), and count it."""
+        self.skipped_updates += 1
+        self.last_skipped_step = t
+
+    def skipped_since_update(self) -> bool:
+        """Whether an update was skipped after the last one applied (θ of that update may be gone)."""
+        if self.last_skipped_step is None:
+            return False
+        return self.last_update_step is None or self.last_skipped_step > self.last_update_step
+
+    def skip_note(self) -> str:
+        """What a skipped update means for this averager's output, beyond keeping the state (default: nothing)."""
+        return ""
 
     # ------------------------------------------------------------------ math
     def start(self, theta: Tensors, t: int) -> None:

@@ -42,6 +42,14 @@ class BEMA(Averager):
         if self.keep_last_weights:
             copy_(self.state("theta_last", theta), theta)
 
+    def skip_note(self) -> str:
+        if self.keep_last_weights:
+            return ""
+        return (
+            "; until the next finite update BEMA outputs its EMA alone (θ of its last update, which the bias "
+            "correction needs, is not kept when update_every=1)"
+        )
+
     def _start(self, theta: Tensors, t: int) -> None:
         copy_(self.state("theta0", theta), theta)
         copy_(self.state("ema", theta), theta)
@@ -52,7 +60,8 @@ class BEMA(Averager):
         self._remember(theta)
 
     def output_reads_theta(self) -> bool:
-        return not self.keep_last_weights  # else θ of the last update is kept in theta_last
+        # θ of the last update is kept in theta_last, or gone after a skipped update (the output is then the EMA)
+        return not self.keep_last_weights and not self.skipped_since_update()
 
     def average_into(self, out: Tensors, theta: Tensors | None, t: int) -> None:
         at_update = self.last_update_step
@@ -60,6 +69,9 @@ class BEMA(Averager):
         if self.keep_last_weights:
             theta = self.state("theta_last", out)  # the live weights may be newer, or another checkpoint's
         elif at_update != t:
+            if self.skipped_since_update():  # θ of the last update is gone, the live θ is not finite
+                copy_(out, self.state("ema", out))
+                return
             raise RuntimeError(
                 f"BEMA needs θ from its last update (step {at_update}) at step {t}; "
                 "build it with keep_last_weights=True when update_every > 1"

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import yaml
 
-from .export import DTYPES, check_output_folder, describe, list_averagers, run_export
+from .export import DTYPES, EXPORT_ERRORS, check_output_folder, describe, list_averagers, run_export
 from .posthoc import synthesized, write_export
 
 DEFAULT_OUTPUT_DIR = "./model-out"  # Axolotl's default output_dir
@@ -89,6 +89,6 @@ def ema_export(
             written = write_export(source, tensors, output, merge, base_model if merge else None, dtype)
         else:
             written = run_export(source, output, name=name, merge=merge, base_model=base_model, dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except EXPORT_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"ema-export: wrote {'merged model' if merge else 'averaged weights'} to {written}")

@@ -13,12 +13,15 @@ With ``--merge`` the base model (``--base-model``, default: the adapter's ``base
 is loaded, the averaged adapter applied and merged (``merge_and_unload``: W ← W + (α/r)·B·A), and the
 full model saved. The tokenizer of the run, when present, is saved beside it. The ``--posthoc-*`` options
 synthesize a post-hoc EMA from the run's ``posthoc/`` snapshots instead (:mod:`trl_ema_plugin.cli.posthoc`).
+
+What it reads is checked first (the checksums recorded in ``averager_state.json``, and every weight file
+loads); what it writes is read back and compared. Every error names the path and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -26,7 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..persistence import PRIMARY_FOLDER, STATE_JSON, averager_folder
+from safetensors import SafetensorError, safe_open
+
+from ..persistence import PRIMARY_FOLDER, STATE_JSON, STATE_TENSORS, averager_folder, file_digest, read_metadata
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 FULL_MODEL_MARKER = "config.json"
@@ -40,6 +45,10 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: what an export can fail with; ``main`` prints each as one line naming the path
+EXPORT_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError)
+#: a Hugging Face Hub model id: ``name`` or ``namespace/name``
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,7 @@ def list_averagers(source: str | Path) -> list[AveragedFolder]:
 
 
 def _describe(path: Path) -> AveragedFolder:
-    metadata = json.loads((path / STATE_JSON).read_text())
+    metadata = read_metadata(path)  # checksums of every file, named on a mismatch
     is_adapter = all((path / f).is_file() for f in ADAPTER_FILES)
     if not is_adapter and not (path / FULL_MODEL_MARKER).is_file():
         raise FileNotFoundError(f"{path} holds averager state but neither {' + '.join(ADAPTER_FILES)} nor a full model")
@@ -90,7 +99,7 @@ def find_averaged_folder(source: str | Path, name: str | None = None) -> Average
             (
                 p
                 for p in Path(source).glob("checkpoint-*")
-                if p.name.removeprefix("checkpoint-").isdigit() and list_averagers(p)
+                if p.name.removeprefix("checkpoint-").isdigit() and _holds_averagers(p)
             ),
             key=lambda p: int(p.name.removeprefix("checkpoint-")),
         )
@@ -107,13 +116,37 @@ def find_averaged_folder(source: str | Path, name: str | None = None) -> Average
     raise ValueError(f"no averager named {name!r} in {source}; available: {', '.join(f.name for f in found)}")
 
 
+def _holds_averagers(checkpoint: Path) -> bool:
+    try:
+        return bool(list_averagers(checkpoint))
+    except EXPORT_ERRORS:
+        return False
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every ``*.safetensors`` weight file of ``folder`` loads, tensor by tensor (a truncated one is named)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name == STATE_TENSORS:
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ValueError(f"{path} is damaged: it does not load ({exc})") from exc
+
+
 def export_adapter(folder: AveragedFolder, output: str | Path) -> Path:
-    """Copy the averaged adapter (or full model) files, and the run's tokenizer, into ``output``."""
+    """Copy the averaged adapter (or full model) files, and the run's tokenizer, into ``output``; each copy is
+    read back and compared with its source."""
+    check_weight_files(folder.path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     for item in sorted(folder.path.iterdir()):
         if item.is_file() and not item.name.startswith("averager_state"):
             shutil.copy2(item, output / item.name)
+            if file_digest(output / item.name) != file_digest(item):
+                raise OSError(f"{output / item.name} differs from {item} after copying it (disk full or failing?)")
     _copy_tokenizer(folder.run_folder, output)
     return output
 
@@ -138,19 +171,58 @@ def merge_into_base(
         raise ValueError(
             f"{folder.path} holds a full model, not an adapter: there is nothing to merge (export it without --merge)"
         )
+    check_weight_files(folder.path)
     peft_config = PeftConfig.from_pretrained(str(folder.path))
     base = base_model or peft_config.base_model_name_or_path
     if not base:
         raise ValueError(f"{folder.path}/adapter_config.json names no base model; pass --base-model")
+    check_base_model(base, "--base-model" if base_model else f"{folder.path}/adapter_config.json's base model")
     model_class = _auto_class(peft_config.task_type)
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = model_class.from_pretrained(base, dtype=torch_dtype)
-    merged = PeftModel.from_pretrained(model, str(folder.path)).merge_and_unload()
+    try:
+        model = model_class.from_pretrained(base, dtype=torch_dtype)
+    except EXPORT_ERRORS as exc:
+        raise ValueError(f"the base model {base} does not load: {exc}") from exc
+    try:
+        merged = PeftModel.from_pretrained(model, str(folder.path)).merge_and_unload()
+    except EXPORT_ERRORS as exc:
+        raise ValueError(f"the averaged adapter {folder.path} does not apply to the base model {base}: {exc}") from exc
     output = Path(output)
     merged.save_pretrained(str(output), safe_serialization=True)
+    check_written_model(output, merged.state_dict())
     if not _copy_tokenizer(folder.run_folder, output):
         _save_base_tokenizer(base, output)
     return output
+
+
+def check_base_model(base: str, given_as: str) -> None:
+    """A base model that is neither an existing folder nor a Hub model id is an error naming it."""
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{given_as} {base} is a file; pass the folder of a model (or a Hub model id)")
+        return
+    if not _HUB_ID.match(base):
+        raise FileNotFoundError(f"{given_as} {base}: no such folder (and not a Hugging Face Hub model id)")
+
+
+def check_written_model(output: Path, state: dict[str, Any]) -> None:
+    """Read every tensor written to ``output`` back and compare it with the merged model's."""
+    import torch
+
+    seen = 0
+    for path in sorted(output.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    written = handle.get_tensor(key)
+                    if key in state and not torch.equal(written, state[key].detach().cpu()):
+                        raise OSError(f"{path}: {key} differs from the merged model after writing it")
+                    seen += 1
+        except (SafetensorError, RuntimeError) as exc:
+            raise OSError(f"{path} does not load after writing it ({exc})") from exc
+    if seen == 0:
+        raise OSError(f"{output} holds no weights after writing the merged model")
 
 
 def _auto_class(task_type: str | None) -> Any:
@@ -247,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.output:
             parser.error("--output is required (or pass --list)")
         written = run_export(args.source, args.output, args.name, args.merge, args.base_model, args.dtype)
-    except (OSError, ValueError) as exc:
+    except EXPORT_ERRORS as exc:
         print(f"ema-export: error: {exc}", file=sys.stderr)
         return 2
     print(f"ema-export: wrote {'merged model' if args.merge else 'averaged weights'} to {written}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
@@ -234,6 +234,9 @@ class WeightAveragingConfig(SettingsModel):
     offload: bool = Field(False, description="keep the shadow in CPU memory instead of the training device")
     save_checkpoints: bool = Field(True, description="write averager state + adapter into every checkpoint")
     export_at_end: bool = Field(True, description="write output_dir/averaged/ at train end")
+    on_nonfinite: Literal["skip", "error"] = Field(
+        "skip", description="trained weights with NaN or inf at an update: skip it (warned, counted) or raise"
+    )
 
     @field_validator("averagers")
     @classmethod

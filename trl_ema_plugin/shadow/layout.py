@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_max_ints
+
 
 class ShadowLayout(ABC):
     """This rank's share of a list of named parameters."""
@@ -57,6 +59,13 @@ class ShadowLayout(ABC):
     @abstractmethod
     def local_part(self, full: list[Tensor]) -> list[Tensor]:
         """This rank's 1-D parts of full tensors (used when loading a saved state, any world size)."""
+
+    def max_over_ranks(self, values: list[int]) -> list[int]:
+        """The element-wise maximum of ``values`` over the ranks that share these weights (collective when
+        ``world_size > 1``)."""
+        if self.world_size == 1:
+            return list(values)
+        return all_reduce_max_ints(values, self.device, getattr(self, "group", None))
 
     def local_sizes(self) -> list[int]:
         return [t.numel() for t in self.local_tensors()]

@@ -37,6 +37,7 @@ from typing import Literal
 
 import torch
 
+from .finite import FiniteCheck
 from .live import STAGING_CHUNK_ELEMENTS, FlatTensors, LiveWeights, TensorSource
 
 Schedule = Literal["inline", "stream", "worker"]
@@ -82,6 +83,8 @@ class UpdateRunner:
     def __init__(self, reader: LiveWeights) -> None:
         #: θ for the updates' math
         self.reader = reader
+        #: the non-finite check of θ_t, run by the update job (or by the caller, for sharded weights)
+        self.finite = FiniteCheck()
 
     def submit(self, job: Job) -> None:
         """Run ``job`` (an update that reads θ_t through :attr:`reader`)."""

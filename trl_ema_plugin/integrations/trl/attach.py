@@ -3,8 +3,9 @@
 Transformers callbacks never receive the trainer. ``attach`` hands it to every callback of ours in
 ``trainer.callback_handler`` (a :class:`~trl_ema_plugin.integrations.trl.lifecycle.PluginCallback`:
 weight averaging, self-distillation, the DPO reference), adding a :class:`WeightAveragingCallback` first when
-``averaging`` is given. It also records ``trainer.train(resume_from_checkpoint=...)`` so that
-a checkpoint outside ``output_dir`` is found on resume.
+``averaging`` is given; two callbacks that would write the same checkpoint folder are refused. It also records
+``trainer.train(resume_from_checkpoint=...)`` so that a checkpoint outside ``output_dir`` is found on resume, and
+checks that checkpoint before the trainer loads it (:func:`~.resume.check_resume_checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from .callback import WeightAveragingCallback
 from .lifecycle import PluginCallback
+from .resume import check_resume_checkpoint
 
 
 def plugin_callbacks(trainer: Any) -> list[PluginCallback]:
@@ -33,6 +35,11 @@ def attach(trainer: Any, averaging: WeightAveragingCallback | None = None) -> An
             "attach(trainer) found none of trl_ema_plugin's callbacks on the trainer; pass "
             "callbacks=[WeightAveragingCallback(...)] to the trainer or attach(trainer, WeightAveragingCallback(...))"
         )
+    for index, callback in enumerate(attached):
+        for other in attached[:index]:
+            reason = other.conflict_with(callback)
+            if reason is not None:
+                raise ValueError(reason)
     for callback in attached:
         callback.attach_to(trainer)
     _record_resume_argument(trainer, attached)
@@ -48,8 +55,11 @@ def _record_resume_argument(trainer: Any, callbacks: list[PluginCallback]) -> No
     @functools.wraps(original)
     def train(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind_partial(*args, **kwargs)  # positional or keyword, as Trainer.train takes it
+        requested = bound.arguments.get("resume_from_checkpoint")
         for callback in callbacks:
-            callback.resume_from_checkpoint = bound.arguments.get("resume_from_checkpoint")
+            callback.resume_from_checkpoint = requested
+        folders = [folder for callback in callbacks for folder in callback.checkpoint_folders()]
+        check_resume_checkpoint(requested, trainer.args, folders)
         return original(*args, **kwargs)
 
     train._trl_ema_plugin_wrapped = True  # type: ignore[attr-defined]

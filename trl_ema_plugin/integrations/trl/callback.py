@@ -28,6 +28,9 @@ from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mea
 from .lifecycle import PluginCallback, never_updates
 from .trainer_kinds import evaluates_without_labels, trainer_kind
 
+#: log key prefix of the skipped-update counts: ``averaging/<name>/skipped_updates``
+SKIPPED_PREFIX = "averaging"
+
 
 class WeightAveragingCallback(PluginCallback):
     """Keep EMA/BEMA/DEMA/OUEMA averages of the trainable weights during ``trainer.train()``.
@@ -85,7 +88,7 @@ class WeightAveragingCallback(PluginCallback):
         # the trainer loads the best checkpoint before on_train_end: the export must not read those weights as θ_T
         moves = bool(getattr(args, "load_best_model_at_end", False))
         self.weights = {
-            spec.label: AveragedWeights(spec, layout, device, moves, runner=self.runner)
+            spec.label: AveragedWeights(spec, layout, device, moves, self.runner, self.config.on_nonfinite)
             for spec in self.config.averagers
         }
 
@@ -102,7 +105,16 @@ class WeightAveragingCallback(PluginCallback):
 
     def checkpoint_folders(self) -> list[str]:
         """``averaged/`` for the primary averager, ``averaged-<name>/`` for each other one."""
-        return [averager_folder(name, primary=index == 0) for index, name in enumerate(self.weights)]
+        return [averager_folder(spec.label, primary=index == 0) for index, spec in enumerate(self.config.averagers)]
+
+    def describe(self) -> str:
+        return f"WeightAveragingCallback(averagers: {', '.join(spec.label for spec in self.config.averagers)})"
+
+    def one_of_a_kind_hint(self) -> str:
+        return (
+            "Pass one WeightAveragingCallback(averagers=[{...}, {...}]) with every averager (names must differ); "
+            "the first is the primary, written to averaged/, the others to averaged-<name>/."
+        )
 
     def _check_evaluation_path(self, args: TrainingArguments) -> None:
         """Preference and RL trainers have no labels for the loss-only pass: they need ``attach(trainer)``."""
@@ -127,6 +139,8 @@ class WeightAveragingCallback(PluginCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._step = state.global_step
         step_together(list(self.weights.values()), state.global_step)
+        self.report_skips(list(self.weights.values()), SKIPPED_PREFIX, control)
+        super().on_step_end(args, state, control, **kwargs)
 
     # ------------------------------------------------------------ evaluation
     def on_evaluate(
@@ -137,16 +151,16 @@ class WeightAveragingCallback(PluginCallback):
         metrics: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not self.config.eval or self._evaluating or not self.weights or metrics is None:
-            return
-        self._evaluating = True
-        try:
-            prefix = eval_prefix(metrics)
-            for name, weights in self.weights.items():
-                new = self._evaluate_one(weights, averaged_prefix(prefix, name), kwargs.get("eval_dataloader"), state)
-                metrics.update(new)
-        finally:
-            self._evaluating = False
+        if self.config.eval and not self._evaluating and self.weights and metrics is not None:
+            self._evaluating = True
+            try:
+                prefix = eval_prefix(metrics)
+                for name, weights in self.weights.items():
+                    dataloader = kwargs.get("eval_dataloader")
+                    metrics.update(self._evaluate_one(weights, averaged_prefix(prefix, name), dataloader, state))
+            finally:
+                self._evaluating = False
+        super().on_evaluate(args, state, control, metrics=metrics, **kwargs)
 
     def _evaluate_one(
         self, weights: AveragedWeights, prefix: str, dataloader: Any, state: TrainerState
@@ -171,6 +185,7 @@ class WeightAveragingCallback(PluginCallback):
         if self.config.export_at_end and self.weights:
             self.save(args.output_dir, state.global_step, is_writer(state))
         self.close_runners()
+        super().on_train_end(args, state, control, **kwargs)
 
     def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
         """Write every averager's folder under ``parent``. Collective: call on every rank; ``writer`` writes."""
@@ -190,4 +205,4 @@ class WeightAveragingCallback(PluginCallback):
                 checkpoint, folder, global_step, f" for averager {name!r}", "it starts again from the current weights"
             )
             if saved is not None:
-                weights.load_state(*saved)
+                self.restore_averager(weights, *saved, checkpoint, folder)

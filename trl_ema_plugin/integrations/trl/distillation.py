@@ -28,13 +28,12 @@ The task loss and the added term are logged as ``loss/task`` and ``loss/distill`
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerState, TrainingArguments
 
 from ...config.distillation import SelfDistillationConfig
 from ...distillation import ChunkedTerm, chunk_tokens, chunked_distillation_sum, per_token_distillation, teacher_targets
@@ -106,7 +105,6 @@ class SelfDistillationCallback(PluginCallback):
         self.logits_reused = 0  # distilled micro-batches whose student logits were the trainer's own
         self._reuse_logits = True
         self._positions: Callable[[dict[str, Any]], Tensor] = label_positions
-        self._own_metrics: dict[str, list[float]] = defaultdict(list)
 
     # ------------------------------------------------------------------ attach
     def attach_to(self, trainer: Any) -> None:
@@ -231,8 +229,8 @@ class SelfDistillationCallback(PluginCallback):
         task_value, distill_value = self._mean_over_ranks(
             torch.stack([loss.detach().float().mean(), distilled]) * report
         )
-        self._log(TASK_KEY, task_value)
-        self._log(DISTILL_KEY, distill_value)
+        self.record_metric(TASK_KEY, task_value)
+        self.record_metric(DISTILL_KEY, distill_value)
         if term is not None:
             loss = loss + term.to(loss.dtype)
         return (loss, result[1]) if return_outputs else loss
@@ -315,29 +313,3 @@ class SelfDistillationCallback(PluginCallback):
         if accelerator is not None and accelerator.num_processes > 1:
             values = accelerator.gather(values.unsqueeze(0)).mean(dim=0)
         return values.tolist()
-
-    def _log(self, key: str, value: float) -> None:
-        metrics = getattr(self.trainer, "_metrics", None)
-        store = getattr(self.trainer, "store_metrics", None)  # Axolotl's trainers: averaged into the next log
-        if isinstance(metrics, dict) and isinstance(metrics.get("train"), dict):
-            metrics["train"].setdefault(key, []).append(value)
-        elif callable(store):
-            store({key: value}, train_eval="train")
-        else:
-            self._own_metrics[key].append(value)
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, float] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """For trainers without TRL's ``_metrics``: add the averaged terms to the logs."""
-        if logs is None or not self._own_metrics or any(k.startswith("eval_") for k in logs):
-            return
-        for key, values in self._own_metrics.items():
-            if values:
-                logs[key] = sum(values) / len(values)
-        self._own_metrics.clear()

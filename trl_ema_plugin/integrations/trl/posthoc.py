@@ -29,6 +29,9 @@ from ...shadow.runner import UpdateRunner
 from ..parallel import trainable_shadow
 from .lifecycle import PluginCallback
 
+#: the logs count the updates each post-hoc EMA skipped (non-finite weights) as ``posthoc_ema/<name>/skipped_updates``
+SKIPPED_PREFIX = "posthoc_ema"
+
 CHECKPOINT_FOLDER = "posthoc_ema"
 
 
@@ -85,11 +88,12 @@ class PostHocEMACallback(PluginCallback):
 
     # ------------------------------------------------------------------------ steps
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.recorder is None:
-            return
-        self.recorder.step(state.global_step, self._writer)
-        if state.global_step >= state.max_steps:
-            self.recorder.finish(state.global_step, self._writer)
+        if self.recorder is not None:
+            self.recorder.step(state.global_step, self._writer)
+            self.report_skips(list(self.recorder.weights.values()), SKIPPED_PREFIX, control)
+            if state.global_step >= state.max_steps:
+                self.recorder.finish(state.global_step, self._writer)
+        super().on_step_end(args, state, control, **kwargs)  # stages the checkpoint's state when the trainer saves
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -98,6 +102,7 @@ class PostHocEMACallback(PluginCallback):
         if self.recorder is not None:
             self.recorder.finish(state.global_step, self._writer, with_weights=not self._load_best)
         self.close_runners()
+        super().on_train_end(args, state, control, **kwargs)
 
     # ------------------------------------------------------------------- checkpoints
     def checkpoint_folders(self) -> list[str]:

@@ -47,6 +47,8 @@ REFERENCE_FOLDER = "reference"
 #: older names of that folder, still read on resume
 LEGACY_REFERENCE_FOLDERS = ("dpo_reference",)
 _REFERENCE_KEY = "reference/"
+#: log key prefix of the skipped-update count of the reference's averager: ``reference/<name>/skipped_updates``
+SKIPPED_PREFIX = "reference"
 
 
 # --------------------------------------------------------------------------- the "ref" adapter
@@ -126,13 +128,13 @@ class AveragedReferenceCallback(PluginCallback):
         again = self.trainer is trainer
         super().attach_to(trainer)
         check_arguments(trainer.args)
+        model = unwrap_model(trainer.model)
+        require_peft_model(model)  # first: DPOTrainer builds a ref_model itself for a model without adapters
         if getattr(trainer, "ref_model", None) is not None:
             raise ValueError(
                 "AveragedReferenceCallback drives the 'ref' adapter of the policy PeftModel, but the trainer was "
                 "given a separate ref_model, which the trainer would use instead; drop ref_model=..."
             )
-        model = unwrap_model(trainer.model)
-        require_peft_model(model)
         add_reference_adapter(model)
         if generates_completions(trainer) and not again:
             before_each_generation(trainer, self._before_generation)
@@ -187,6 +189,7 @@ class AveragedReferenceCallback(PluginCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.close_runners()
+        super().on_train_end(args, state, control, **kwargs)
 
     def start(self, global_step: int) -> None:
         if self.weights is not None:
@@ -196,8 +199,10 @@ class AveragedReferenceCallback(PluginCallback):
         step = state.global_step
         if self.weights is not None:
             self.weights.step(step)
+            self.report_skips([self.weights], SKIPPED_PREFIX, control)
         if not self.at_generations and self.config.is_sync_step(step):
             self.sync(step)
+        super().on_step_end(args, state, control, **kwargs)
 
     def _before_generation(self) -> None:
         """GRPO/RLOO, before a training generation batch: ref ← θ̂_g if a sync step passed since the last write."""
@@ -247,6 +252,12 @@ class AveragedReferenceCallback(PluginCallback):
         assert self.reference is not None
         full = self.reference.gather([t.clone() for t in self.reference.local_tensors()])
         return dict(zip(self.reference.names, full, strict=True))
+
+    def describe(self) -> str:
+        return f"AveragedReferenceCallback(method={self.config.method!r})"
+
+    def one_of_a_kind_hint(self) -> str:
+        return "A trainer has one reference: keep one AveragedReferenceCallback."
 
     def memory_bytes(self) -> int:
         """fp32 averager state held by this rank (the ``"ref"`` adapter itself is one more adapter)."""
@@ -311,7 +322,7 @@ class AveragedReferenceCallback(PluginCallback):
         if self.weights is not None:
             if metadata.get("averager") is None:
                 raise ValueError(f"{folder} holds no averager state, but this run averages with {self.config.method!r}")
-            self.weights.load_state(tensors, metadata["averager"])
+            self.restore_averager(self.weights, tensors, metadata["averager"], checkpoint, name)
         self.last_sync_step = metadata.get("last_sync_step")
 
 
@@ -325,7 +336,14 @@ def require_peft_model(model: nn.Module) -> None:
 
 
 def check_arguments(args: Any) -> None:
-    """Refuse trainer settings under which the reference cannot follow the average, or is never read."""
+    """Refuse a trainer without a reference, and settings under which the reference cannot follow the average,
+    or is never read."""
+    if trainer_kind(args) is None:
+        raise ValueError(
+            "AveragedReferenceCallback moves the reference policy (the 'ref' adapter) of TRL's DPO, KTO, GRPO and "
+            f"RLOO trainers, but this run is trained with {type(args).__name__}, which has no reference forward: "
+            "remove the callback, or train with one of those trainers"
+        )
     if getattr(args, "precompute_ref_log_probs", False):
         raise ValueError(
             "AveragedReferenceCallback moves the reference during training, but precompute_ref_log_probs=True "
