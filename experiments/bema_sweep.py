@@ -227,11 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         run_stage(stage, args.data)
         return 0
-    from .bema_report import write_stage_report
-
-    for path in write_stage_report(stage, args.data, args.docs):
+    for path in write_report(stage, args.data, args.docs):
         print(f"wrote {path}")
     return 0
+
+
+def write_report(stage: Stage, data: Path, docs: Path) -> list[Path]:
+    """Tables (``docs/bema_<stage>.md`` and the block in ``docs/evidence.md``) and the stage's plot."""
+    from .bema_report import write_stage_report
+
+    return write_stage_report(stage, data, docs)
 
 
 if __name__ == "__main__":

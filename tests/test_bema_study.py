@@ -138,3 +138,31 @@ def test_results_are_cached_and_resumed(recorded, tmp_path):
         evaluate_run(trajectory, {"bema_trl": {"method": "bema", "update_every": 2}}, steps, again, loss)
     with pytest.raises(ValueError, match="another context"):
         ResultCache(tmp_path / "r.json", {"run": trajectory.run_id, "n_eval": 8})
+
+
+def test_tuning_stage_runs_and_reports_end_to_end(tmp_path):
+    from experiments.bema_report import choose, drift_ratio, load_stage, marker, tuning_rows
+    from experiments.bema_sweep import Stage, run_stage, tuning_settings, write_report
+
+    runs = tuple(RecordedRun(seed, steps, n_train=16, scale_name="tiny") for steps in (5, 10) for seed in (1, 2))
+    stage = Stage("tuning", runs, n_eval=4)
+    run_stage(stage, tmp_path / "data", wait=False)
+    results = load_stage(stage, tmp_path / "data")
+    assert sorted(results.loss) == [(5, 1), (5, 2), (10, 1), (10, 2)]
+    assert set(results.loss[(10, 1)]) == set(tuning_settings(10))
+    assert set(results.loss[(10, 1)]["bema_trl"]) == {2, 5, 10}  # step 0 is raw@0 for every setting
+    rows = {r["name"]: r for r in tuning_rows(results, stage)}
+    assert rows["ema_0.9"]["eligible"] is False  # a reference is never a candidate
+    chosen, why = choose(list(rows.values()), results.settings[10])
+    assert (chosen is None or chosen.startswith("bema")) and why
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    begin, end = marker("tuning")
+    (docs / "evidence.md").write_text(f"# page\n{begin}\nold\n{end}\ntail\n")
+    written = write_report(stage, tmp_path / "data", docs)
+    page = (docs / "evidence.md").read_text()
+    assert "old" not in page and "| `bema_trl` |" in page and page.endswith(f"{end}\ntail\n")
+    assert (docs / "evidence_bema_tuning.png").read_bytes()[:4] == b"\x89PNG" and docs / "bema_tuning.md" in written
+    # the drift model: TRL's η = 0.2 extrapolates past θ_T, η = κ = 0.5 stays near it, an EMA lags
+    ratio = drift_ratio(tuning_settings(240), 240, [120, 240], decay=False)
+    assert ratio["bema_trl"][240] > 1.2 and abs(ratio["bema_eta0.5"][240] - 1) < 0.01 and ratio["ema_0.98"][240] < 0.85
