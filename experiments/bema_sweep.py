@@ -210,9 +210,28 @@ def run_stage(stage: Stage, data: Path, wait: bool = True) -> None:
         time.sleep(60)  # another process holds a run: wait for it, then look again
 
 
+def status(stage: Stage, data: Path) -> str:
+    """One line per run: recorded steps, evaluations done and to do, mean CPU seconds per evaluation."""
+    lines = []
+    for run in stage.runs:
+        folder = run_folder(data / "trajectories", run)
+        recorded = len(list(folder.glob("step_*.safetensors"))) if folder.is_dir() else 0
+        state = "recorded" if is_recorded(data / "trajectories", run) else f"{recorded}/{run.steps + 1} steps"
+        line = f"{run.run_id}: {state}"
+        if is_recorded(data / "trajectories", run):
+            settings, steps = stage.settings(run.steps), stage.eval_steps(run.steps)
+            cache = open_cache(data, run, stage.n_eval)
+            seconds = [r["cpu_seconds"] for r in cache.results.values() if "cpu_seconds" in r]
+            line += f", {len(cache.results)} evaluated, {_pending(cache, settings, steps)} to do"
+            if seconds:
+                line += f", {sum(seconds) / len(seconds):.1f} CPU s per evaluation"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Issue 11: BEMA settings, recorded once and averaged offline.")
-    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("command", choices=("run", "status", "report"))
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="trajectories and results (outside git)")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where the report's tables and plots go")
@@ -226,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     stage = stage_named(args.stage)
     if args.command == "run":
         run_stage(stage, args.data)
+        return 0
+    if args.command == "status":
+        print(status(stage, args.data))
         return 0
     for path in write_report(stage, args.data, args.docs):
         print(f"wrote {path}")
