@@ -1,8 +1,11 @@
-"""Shadow memory and update time per rank under DeepSpeed ZeRO-2 / ZeRO-3 vs one process (not a test).
+"""Shadow memory and update time per rank under DeepSpeed ZeRO-2 / ZeRO-3 and PyTorch FSDP2 vs one process
+(not a test).
 
-Runs the same SFTTrainer + LoRA training three times on a tiny Llama built in code: one process
+Runs the same SFTTrainer + LoRA training four times on a tiny Llama built in code: one process
 without DeepSpeed, then 2 ranks under ZeRO-2 and under ZeRO-3 (``DS_ACCELERATOR=cpu deepspeed
---num_gpus 2`` on a machine without GPUs). Each run keeps a BEMA average (2 fp32 buffers) updated
+--num_gpus 2`` on a machine without GPUs), and 2 ranks under accelerate's FSDP2 plugin (``torchrun``;
+on CPU processes accelerate would drop the plugin and train with DDP, so the run lifts that one
+decision with ``tests/fsdp_scripts/accelerate_cpu_fsdp.py``). Each run keeps a BEMA average (2 fp32 buffers) updated
 at every step, and prints, per rank: the layout, the averaged elements it owns, the shadow bytes,
 and the median time of the averaging callback's ``on_step_end`` (the update; no communication).
 
@@ -24,18 +27,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the 2-rank launcher lives with the tests
-from cpu_launch import run_two_ranks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the 2-rank launchers live with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deepspeed_scripts"))  # shared with the tests
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests" / "fsdp_scripts")
+)  # fsdp_common (accelerate's FSDP2 plugin on CPU)
+from cpu_launch import run_two_ranks, torchrun_two_ranks
+from ds_common import cpu_training_args
 
 warnings.filterwarnings("ignore")
 
 
 # ------------------------------------------------------------------------------ one run (worker)
-def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int) -> None:
+def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int, fsdp2: bool = False) -> None:
     import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from trl_ema_plugin import WeightAveragingCallback
     from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
@@ -57,37 +65,17 @@ def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int)
     model = get_peft_model(
         model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear", lora_dropout=0.0)
     )
-    ds_config = None
-    if zero is not None:
-        buckets = {"reduce_bucket_size": 1_000_000}
-        if zero == 3:
-            buckets["stage3_prefetch_bucket_size"] = 1_000_000
-        else:
-            buckets["allgather_bucket_size"] = 1_000_000
-        ds_config = {
-            "zero_optimization": {"stage": zero, **buckets},
-            "train_micro_batch_size_per_gpu": "auto",
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "steps_per_print": 1_000_000,
-        }
     averaging = TimedAveraging(method="bema", update_every=1, eval=False, export_at_end=False, save_checkpoints=False)
     averaging.durations = []
-    args = SFTConfig(
-        output_dir=str(out / "run"),
-        max_steps=steps,
-        per_device_train_batch_size=8 // world_size,
-        learning_rate=1e-3,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        max_length=64,
-        disable_tqdm=True,
-        logging_steps=steps,
-        deepspeed=ds_config,
-    )
+    fsdp: dict[str, Any] = {}
+    if fsdp2:
+        from fsdp_common import trainer_fsdp2_args
+
+        fsdp = trainer_fsdp2_args()
+    args = cpu_training_args(
+        str(out / "run"), zero=zero, max_steps=steps, per_device_train_batch_size=8 // world_size,
+        learning_rate=1e-3, max_length=64, logging_steps=steps, **fsdp,
+    )  # fmt: skip
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -113,18 +101,21 @@ def worker(out: Path, zero: int | None, hidden: int, lora_rank: int, steps: int)
 
 
 # ------------------------------------------------------------------------------- driver
-def launch(label: str, zero: int | None, options: argparse.Namespace, root: Path) -> list[dict]:
+def launch(label: str, zero: int | str | None, options: argparse.Namespace, root: Path) -> list[dict]:
+    """``zero``: None (one process), 2 or 3 (DeepSpeed ZeRO stage), or "fsdp2"."""
     out = root / label
     out.mkdir()
     script = [str(Path(__file__).resolve()), "--worker", "--out", str(out)]
     script += ["--hidden", str(options.hidden), "--rank", str(options.rank), "--steps", str(options.steps)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    if zero is not None:
+    if zero in (2, 3):
         env.setdefault("DS_ACCELERATOR", "cpu")
     output = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     start = time.perf_counter()
     if zero is None:
         result = subprocess.run([sys.executable, *script], **output)
+    elif zero == "fsdp2":
+        result = torchrun_two_ranks([*script, "--fsdp2"], **output)
     else:
         result = run_two_ranks([*script, "--zero", str(zero)], **output)
     if result.returncode != 0 or not (out / "result.json").is_file():
@@ -141,13 +132,15 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--zero", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fsdp2", action="store_true", help=argparse.SUPPRESS)
     options, _ = parser.parse_known_args()  # the deepspeed launcher adds --local_rank
     if options.worker:
-        worker(Path(options.out), options.zero, options.hidden, options.rank, options.steps)
+        worker(Path(options.out), options.zero, options.hidden, options.rank, options.steps, options.fsdp2)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, zero in (("1 process", None), ("ZeRO-2, 2 ranks", 2), ("ZeRO-3, 2 ranks", 3)):
+        runs = (("1 process", None), ("ZeRO-2, 2 ranks", 2), ("ZeRO-3, 2 ranks", 3), ("FSDP2, 2 ranks", "fsdp2"))
+        for label, zero in runs:
             for rank, r in enumerate(launch(label.split(",")[0].replace(" ", "-"), zero, options, Path(tmp))):
                 rows.append((label, rank, r))
     single = rows[0][2]["shadow_bytes"]

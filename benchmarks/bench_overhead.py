@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from trl import BEMACallback, SFTConfig, SFTTrainer
+from trl import BEMACallback, SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deepspeed_scripts"))  # shared with the tests
+from ds_common import cpu_training_args
 
 warnings.filterwarnings("ignore")
 
@@ -74,18 +79,8 @@ def run(variant: str, peft: bool, hidden: int, steps: int) -> tuple[list[float],
     model = tiny_llama(tokenizer, seed=0, hidden_size=hidden)
     timer, callback = StepTimer(), make_callback(variant)
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=8,
-            learning_rate=1e-3,
-            report_to=[],
-            use_cpu=True,
-            bf16=False,
-            max_length=128,
-            save_strategy="no",
-            disable_tqdm=True,
-            logging_steps=1000,
+        args = cpu_training_args(
+            out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3, max_length=128, logging_steps=1000
         )
         trainer = SFTTrainer(
             model=model,

@@ -13,15 +13,20 @@ per decay, plus the gap between the raw ΔW and EMA(B·A) for scale. (Not a test
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "deepspeed_scripts"))  # shared with the tests
+from ds_common import cpu_training_args
 
 warnings.filterwarnings("ignore")
 
@@ -38,18 +43,7 @@ def main(steps: int = 60, decays: tuple[float, ...] = (0.9, 0.99)) -> None:
     tokenizer = tiny_tokenizer()
     recorder = FactorRecorder()
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=8,
-            learning_rate=5e-3,
-            report_to=[],
-            use_cpu=True,
-            bf16=False,
-            max_length=64,
-            save_strategy="no",
-            disable_tqdm=True,
-        )
+        args = cpu_training_args(out, max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-3, max_length=64)
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
         SFTTrainer(
             model=tiny_llama(tokenizer),

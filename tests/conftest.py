@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -38,13 +39,16 @@ def _deepspeed_extensions_dir() -> None:
 
 
 _deepspeed_extensions_dir()
-# the 2-rank scripts import ds_common (configs, gather); tests load those scripts in-process too
-sys.path.insert(0, str(Path(__file__).parent / "deepspeed_scripts"))
+# the 2-rank scripts import ds_common (configs, gather) and fsdp_common; tests load those scripts in-process too
+DEEPSPEED_SCRIPTS = Path(__file__).parent / "deepspeed_scripts"
+sys.path.insert(0, str(DEEPSPEED_SCRIPTS))
+sys.path.insert(0, str(Path(__file__).parent / "fsdp_scripts"))
 
 import torch  # noqa: E402
 from cpu_launch import (  # noqa: E402
     remove_unused_deepspeed_shm_buffers,
     run_two_ranks,
+    torchrun_two_ranks,
 )
 
 from trl_ema_plugin.demos.tiny import (  # noqa: E402
@@ -133,16 +137,28 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-def launch_two_ranks(script: Path, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 script args`` with stdout and stderr merged.
+def launch_two_ranks(
+    script: Path, args: list[str], timeout: int = 600, launcher: str = "deepspeed", processes: int = 2
+) -> subprocess.CompletedProcess:
+    """``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 script args`` (``launcher="torchrun"``: ``torchrun
+    --nproc_per_node <processes> script args``, for the FSDP2 scripts) with stdout and stderr merged.
 
-    DeepSpeed on CPU/gloo occasionally loses a rank on a loaded 2-core machine (an abort in the
-    launcher, never a wrong value); a failed launch is relaunched once on a new port, with a
-    warning that keeps the first failure's error lines. A second failure fails the test.
+    DeepSpeed and gloo on CPU occasionally lose a rank on a loaded 2-core machine (an abort in the
+    launcher or at interpreter exit, never a wrong value); a failed launch is relaunched once on a new
+    port, with a warning that keeps the first failure's error lines. A second failure fails the test.
     """
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # the repository (this checkout first), tests/ and ds_common for the scripts, whatever their folder
+    paths = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent), str(DEEPSPEED_SCRIPTS)]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
+    if launcher == "torchrun":
+        run = functools.partial(torchrun_two_ranks, processes=processes)
+    elif processes == 2:
+        run = run_two_ranks
+    else:
+        raise ValueError(f"launcher={launcher!r} starts 2 processes, not {processes}")
     for attempt in (1, 2):
-        result = run_two_ranks(
+        result = run(
             [str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             timeout=timeout, cwd=script.parent,
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Launching 2-rank DeepSpeed runs on CPU (tests, benchmarks), and cleaning up after them.
+"""Launching 2-rank DeepSpeed and torchrun (FSDP2) runs on CPU (tests, benchmarks), and cleaning up after them.
 
 DeepSpeed's CPU shared-memory all-reduce (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) creates one
 ~66 MB ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank at start-up and
@@ -36,6 +36,16 @@ def run_two_ranks(script_and_args: Sequence[str], **run_kwargs: Any) -> subproce
         return subprocess.run([*launcher, *script_and_args], **run_kwargs)
     finally:
         remove_deepspeed_shm_buffers(deepspeed_shm_buffers(port))
+
+
+def torchrun_two_ranks(
+    script_and_args: Sequence[str], processes: int = 2, **run_kwargs: Any
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 --master_port <free port> script args`` with this interpreter (FSDP2
+    scripts: gloo on CPU, no DeepSpeed buffers to clean up); ``processes``: another number of ranks."""
+    port, count = str(free_port()), str(processes)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", count, "--master_port", port]
+    return subprocess.run([*launcher, *script_and_args], **run_kwargs)
 
 
 def deepspeed_shm_buffers(master_port: int | str = "*") -> set[Path]:

@@ -23,10 +23,12 @@ from trl_ema_plugin.averagers.base import Averager
 
 class SimpleMovingAverage(Averager):
     buffer_names = ("total",)
+    hyperparameters = ("scale",)  # the settings (options) it takes; a constructor argument is not one by itself
 
-    def __init__(self, scale: float = 1.0) -> None:
+    def __init__(self, scale: float = 1.0, verbose: bool = False) -> None:
         super().__init__()
         self.scale = scale
+        self.verbose = verbose  # a constructor argument, not a setting
 
     def _start(self, theta, t):
         torch._foreach_copy_(self.views("total"), theta)
@@ -37,6 +39,21 @@ class SimpleMovingAverage(Averager):
     def average_into(self, out, theta, t):
         torch._foreach_copy_(out, self.views("total"))
         torch._foreach_mul_(out, self.scale / (self.num_updates + 1))
+
+
+class Undeclared(Averager):
+    """Declares no hyperparameters (Averager has no default): refused when registered."""
+
+    buffer_names = ()
+
+    def _start(self, theta, t):
+        pass
+
+    def _update(self, theta, t):
+        pass
+
+    def average_into(self, out, theta, t):
+        pass
 '''
 
 SCRIPT = """
@@ -63,7 +80,12 @@ try:
     weight_averaging_config_from_flat({"weight_averaging": "sma", "weight_averaging_decay": 0.9})
     raise AssertionError("decay accepted for sma")
 except ValueError as exc:
-    assert "weight_averaging_decay: does not apply to weight_averaging: sma" in str(exc), exc
+    assert "weight_averaging_decay=0.9: does not apply to weight_averaging='sma'" in str(exc), exc
+try:  # only what the class declares is a setting, not every constructor argument
+    weight_averaging_config_from_flat({"weight_averaging": "sma", "weight_averaging_options": {"verbose": True}})
+    raise AssertionError("verbose accepted for sma")
+except ValueError as exc:
+    assert "weight_averaging_options={'verbose': True}: verbose is not an argument of weight_averaging='sma' (allowed: scale)" in str(exc), exc
 
 tok = tiny_tokenizer()
 args = SFTConfig(output_dir=out, max_steps=4, save_steps=1, per_device_train_batch_size=4, learning_rate=0.05,
@@ -116,7 +138,8 @@ def test_without_the_distribution_the_name_is_rejected():
 
     assert "sma" not in registered_methods()  # this process has no thirdparty-sma on sys.path
     with pytest.raises(
-        ValueError, match=r"weight_averaging: 'sma' is not allowed \(allowed: bema \| dema \| ema \| ouema"
+        ValueError,
+        match=r"weight_averaging='sma': not a registered averager, true or false \(allowed: bema \| dema \| ema \| ouema",
     ):
         weight_averaging_config_from_flat({"weight_averaging": "sma"})
 
@@ -128,6 +151,10 @@ BAD_ENTRY_POINTS = {
     ),
     "not an Averager": ("notone = os.path:join", r"entry point notone = 'os.path:join' .* is not a subclass"),
     "takes a built-in name": ("ema = thirdparty_sma:SimpleMovingAverage", r"method 'ema' is already registered by EMA"),
+    "declares no hyper-parameters": (
+        "undeclared = thirdparty_sma:Undeclared",
+        r"entry point undeclared = .*: Undeclared declares no hyperparameters: add the class attribute hyperparameters",
+    ),
 }
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import oracles
 import pytest
 import torch
 
 from trl_ema_plugin import AveragerSpec
-from trl_ema_plugin.averagers import BEMA, DEMA, EMA, OUEMA
+from trl_ema_plugin.averagers import BEMA, DEMA, EMA, OUEMA, register_averager, registered_methods
+from trl_ema_plugin.averagers.schedules import BEMASchedule
 
 
 def trajectory(steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
@@ -39,23 +41,23 @@ def flat(step):
     return torch.cat([t.reshape(-1) for t in step]).double()
 
 
+def hand(method: str, traj, **settings) -> torch.Tensor:
+    """The float64 oracle of ``method`` after the last step, flattened like :func:`run`'s output."""
+    return flat(oracles.averaged(dict(enumerate(traj)), {"method": method, **settings}))
+
+
 def test_ema_fixed_decay_matches_hand():
     traj = trajectory(9)
     got = run(EMA(decay=0.7), traj, update_after=2, every=3)
-    ema = flat(traj[2])
-    for t in (5, 8):
-        ema = 0.7 * ema + 0.3 * flat(traj[t])
-    torch.testing.assert_close(got.double(), ema, rtol=1e-6, atol=1e-6)
+    expected = hand("ema", traj, decay=0.7, update_after=2, update_every=3)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_ema_warmup_follows_diffusers_schedule():
     traj = trajectory(6)
     got = run(EMA(decay=0.99, use_ema_warmup=True, inv_gamma=2.0, power=0.5), traj, update_after=1, every=1)
-    ema = flat(traj[1])
-    for n, t in enumerate(range(2, 7), start=1):
-        d = min(0.99, 1 - (1 + n / 2.0) ** -0.5)
-        ema = d * ema + (1 - d) * flat(traj[t])
-    torch.testing.assert_close(got.double(), ema, rtol=1e-6, atol=1e-6)
+    expected = hand("ema", traj, decay=0.99, use_ema_warmup=True, inv_gamma=2.0, power=0.5, update_after=1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -65,54 +67,31 @@ def test_bema_matches_paper_formula(every):
     got = run(
         BEMA(ema_power=kappa, bias_power=eta, lag=lag, multiplier=mult, keep_last_weights=every > 1), traj, tau, every
     )
-    theta0 = flat(traj[tau])
-    ema = theta0.clone()
-    last = tau
-    for t in range(tau + 1, 9):
-        if (t - tau) % every:
-            continue
-        beta = (lag + mult * t) ** -kappa
-        ema = (1 - beta) * ema + beta * flat(traj[t])
-        last = t
-    alpha = (lag + mult * last) ** -eta
-    expected = ema + alpha * (flat(traj[last]) - theta0)
+    expected = hand(
+        "bema", traj, update_after=tau, update_every=every, lag=lag, multiplier=mult, ema_power=kappa, bias_power=eta
+    )
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_bema_min_ema_multiplier_floors_beta():
     traj = trajectory(4)
     got = run(BEMA(ema_power=3.0, bias_power=0.5, lag=2, min_ema_multiplier=0.25), traj, 0, 1)
-    theta0, ema = flat(traj[0]), flat(traj[0])
-    for t in range(1, 5):
-        beta = max((2 + t) ** -3.0, 0.25)
-        ema = (1 - beta) * ema + beta * flat(traj[t])
-    expected = ema + (2 + 4) ** -0.5 * (flat(traj[4]) - theta0)
+    expected = hand("bema", traj, ema_power=3.0, bias_power=0.5, lag=2, min_ema_multiplier=0.25)
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_dema_is_two_ema_minus_ema_of_ema():
     traj = trajectory(7)
     got = run(DEMA(ema_power=0.6, lag=2, multiplier=2.0), traj, 1, 2)
-    e1 = flat(traj[1])
-    e2 = e1.clone()
-    for t in (3, 5, 7):
-        beta = (2 + 2.0 * t) ** -0.6
-        e1 = (1 - beta) * e1 + beta * flat(traj[t])
-        e2 = (1 - beta) * e2 + beta * e1
-    torch.testing.assert_close(got.double(), 2 * e1 - e2, rtol=1e-6, atol=1e-6)
+    expected = hand("dema", traj, ema_power=0.6, lag=2, multiplier=2.0, update_after=1, update_every=2)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_ouema_is_ema_of_debiased_weights():
     traj = trajectory(5)
     got = run(OUEMA(ema_power=0.5, bias_power=0.3, lag=4), traj, 0, 1)
-    theta0 = flat(traj[0])
-    ema = theta0.clone()
-    for t in range(1, 6):
-        a = (4 + t) ** -0.3
-        z = (flat(traj[t]) - a * theta0) / (1 - a)
-        beta = (4 + t) ** -0.5
-        ema = (1 - beta) * ema + beta * z
-    torch.testing.assert_close(got.double(), ema, rtol=1e-5, atol=1e-5)
+    expected = hand("ouema", traj, ema_power=0.5, bias_power=0.3, lag=4)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_ouema_guards_alpha_one():
@@ -157,3 +136,48 @@ def test_buffers_stay_fp32_with_bf16_weights():
     store.step(1)
     assert all(b.dtype == torch.float32 for b in store.averager.buffers.values())
     assert store.averaged_tensors(1)["w"].dtype == torch.float32
+
+
+# ------------------------------------------------------------------------ what an averager declares
+def test_each_averager_declares_its_settings_and_refuses_others():
+    assert EMA.hyperparameters == ("decay", "use_ema_warmup", "inv_gamma", "power")
+    assert (
+        BEMA.hyperparameters
+        == OUEMA.hyperparameters
+        == ("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier")
+    )
+    assert DEMA.hyperparameters == ("ema_power", "lag", "multiplier", "min_ema_multiplier")  # no α_t, no η
+    assert BEMA.output_reads_last_update and not DEMA.output_reads_last_update
+    with pytest.raises(
+        TypeError, match=r"DEMA\(\) got unexpected keyword argument\(s\) bias_power; its hyper-parameters"
+    ):
+        DEMA(bias_power=0.2)
+    with pytest.raises(TypeError, match="keep_last_weights"):
+        OUEMA(keep_last_weights=True)  # a BEMA construction argument, not an OUEMA one
+    assert BEMA(lag=3, multiplier=0.5).schedule == BEMASchedule(lag=3, multiplier=0.5)
+
+
+def test_bema_schedule_is_the_paper_formula():
+    schedule = BEMASchedule(ema_power=0.4, bias_power=0.3, lag=3.0, multiplier=0.5, min_ema_multiplier=0.1)
+    for t in (0, 1, 7, 100):
+        assert schedule.beta(t) == max((3.0 + 0.5 * t) ** -0.4, 0.1)
+        assert schedule.alpha(t) == (3.0 + 0.5 * t) ** -0.3
+    assert BEMASchedule(lag=0).alpha(0) == 1.0  # ρ + γt clamped at 1
+
+
+def test_registering_needs_a_declaration_that_the_constructor_takes():
+    undeclared = type("Undeclared", (BEMA,), {"hyperparameters": None})  # as a class that declares nothing
+    with pytest.raises(ValueError, match="Undeclared declares no hyperparameters: add the class attribute"):
+        register_averager("undeclared")(undeclared)
+
+    class Misdeclared(EMA):
+        hyperparameters = ("decay", "momentum")
+
+        def __init__(self, decay: float = 0.9) -> None:
+            super().__init__(decay=decay)
+
+    with pytest.raises(
+        ValueError, match="Misdeclared declares hyperparameters its constructor does not take: momentum"
+    ):
+        register_averager("misdeclared")(Misdeclared)
+    assert "undeclared" not in registered_methods() and "misdeclared" not in registered_methods()

@@ -6,6 +6,7 @@ run on the axolotl stack only.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,13 @@ from trl_ema_plugin.integrations.trl import WeightAveragingCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_configs"
-GPU_EXAMPLES = ["sft_lora_bema.yml", "dpo_bema.yml", "zero3_lora_bema.yml", "sft_lora_bema_self_distill.yml"]
+GPU_EXAMPLES = [
+    "sft_lora_bema.yml",
+    "dpo_bema.yml",
+    "zero3_lora_bema.yml",
+    "fsdp2_lora_bema.yml",
+    "sft_lora_bema_self_distill.yml",
+]
 CPU_EXAMPLES = [
     "cpu/sft_lora_bema.yml",
     "cpu/dpo_bema.yml",
@@ -143,61 +150,81 @@ def test_args_model_keeps_the_field_constraints():
 
 
 # ------------------------------------------------------------------------------ error messages
-BAD = [
-    ({"weight_averaging": "bemax"}, ["weight_averaging: 'bemax' is not allowed", "bema | dema | ema | ouema"]),
-    ({"weight_averaging": 3}, ["weight_averaging: 3 is not allowed"]),
-    (
-        {"weight_averaging": "bema", "weight_averaging_decay": 0.9},
-        ["weight_averaging_decay: does not apply to weight_averaging: bema", "weight_averaging_lag"],
+BAD = {
+    "unknown method": (
+        {"weight_averaging": "bemax"},
+        ["weight_averaging='bemax': not a registered averager", "did you mean 'bema'?", "bema | dema | ema | ouema"],
     ),
-    (
+    "switch not a string": ({"weight_averaging": 3}, ["weight_averaging=3: not a registered averager, true or false"]),
+    "key of another method": (
+        {"weight_averaging": "bema", "weight_averaging_decay": 0.9},
+        [
+            "weight_averaging_decay=0.9: does not apply to weight_averaging='bema'",
+            "(allowed: weight_averaging_bias_power",
+        ],
+    ),
+    "out of range": (
         {"weight_averaging": "ema", "weight_averaging_decay": 1.5},
         ["weight_averaging_decay=1.5", "allowed: number > 0.0 and < 1.0"],
     ),
-    (
+    "alias out of range": (
+        {"weight_averaging": "bema", "weight_averaging_update_freq": 0},
+        ["weight_averaging_update_freq=0: Input should be greater than or equal to 1", "allowed: integer ≥ 1"],
+    ),
+    "not a bool": (
         {"weight_averaging": "ema", "weight_averaging_eval": "maybe"},
         ["weight_averaging_eval='maybe'", "allowed: true | false"],
     ),
-    (
+    "zero cadence": (
         {"weight_averaging": "ema", "weight_averaging_update_every": 0},
         ["weight_averaging_update_every=0", "integer ≥ 1"],
     ),
-    ({"weight_averaging": "ema", "weight_averaging_name": "a b"}, ["weight_averaging_name='a b'"]),
-    (
+    "bad name": ({"weight_averaging": "ema", "weight_averaging_name": "a b"}, ["weight_averaging_name='a b'"]),
+    "misspelled key": (
         {"weight_averaging": "ema", "weight_averaging_dcay": 0.5},
         ["weight_averaging_dcay", "did you mean weight_averaging_decay?"],
     ),
-    ({"weight_averaging_lag": 2}, ["weight_averaging_lag: set without weight_averaging", "bema | dema | ema | ouema"]),
-    (
+    "key without switch": (
+        {"weight_averaging_lag": 2},
+        ["weight_averaging_lag=2: set without weight_averaging", "bema | dema | ema | ouema"],
+    ),
+    "alias beside its key": (
         {"weight_averaging": "ema", "weight_averaging_update_freq": 2, "weight_averaging_update_every": 2},
-        ["weight_averaging_update_every, weight_averaging_update_freq: set one of them"],
+        ["weight_averaging_update_every=2, weight_averaging_update_freq=2: set one of them"],
     ),
-    ({"weight_averaging": True}, ["weight_averaging: true needs weight_averaging_averagers"]),
-    (
+    "true without a list": ({"weight_averaging": True}, ["weight_averaging=True: needs weight_averaging_averagers"]),
+    "list without true": (
         {"weight_averaging": "ema", "weight_averaging_averagers": [{"method": "ema"}]},
-        ["weight_averaging_averagers: needs `weight_averaging: true`"],
+        ["weight_averaging_averagers=[{'method': 'ema'}]: needs `weight_averaging: true`"],
     ),
-    (
+    "key beside a list": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}], "weight_averaging_decay": 0.9},
-        ["weight_averaging_decay: with weight_averaging_averagers, set hyper-parameters inside each list entry"],
+        ["weight_averaging_decay=0.9: with weight_averaging_averagers, set hyper-parameters inside each list entry"],
     ),
-    (
+    "list entry out of range": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "ema", "decay": 2}]},
         ["weight_averaging_averagers[1].decay=2", "allowed: number > 0.0 and < 1.0"],
     ),
-    (
+    "list entry: key of another method": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "bema", "decay": 0.9}]},
-        ["weight_averaging_averagers[1]: decay do(es) not apply to method='bema'"],
+        ["weight_averaging_averagers[1].decay=0.9: does not apply to method='bema'"],
     ),
-    (
+    "list entry: misspelled key": (
+        {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema", "decayy": 0.9}]},
+        ["weight_averaging_averagers[0].decayy=0.9: unknown key", "did you mean weight_averaging_averagers[0].decay?"],
+    ),
+    "list: repeated names": (
         {"weight_averaging": True, "weight_averaging_averagers": [{"method": "ema"}, {"method": "ema", "decay": 0.9}]},
         ["weight_averaging_averagers: averager names must be unique; repeated: ema"],
     ),
-    ({"weight_averaging": True, "weight_averaging_averagers": []}, ["weight_averaging_averagers", "non-empty list"]),
-]
+    "empty list": (
+        {"weight_averaging": True, "weight_averaging_averagers": []},
+        ["weight_averaging_averagers", "non-empty list"],
+    ),
+}
 
 
-@pytest.mark.parametrize(("cfg", "fragments"), BAD, ids=[str(i) for i in range(len(BAD))])
+@pytest.mark.parametrize(("cfg", "fragments"), BAD.values(), ids=BAD.keys())
 def test_bad_values_name_the_yaml_key(cfg, fragments):
     with pytest.raises(ValueError) as info:
         weight_averaging_config_from_flat(cfg)
@@ -242,7 +269,7 @@ def _axolotl_validate(cfg: dict, gpu: bool):
     prepare_plugins(cfg)
     if not gpu:
         return validate_config(cfg)
-    n_gpu = 2 if cfg.get("deepspeed") else 1
+    n_gpu = 2 if cfg.get("deepspeed") or cfg.get("fsdp_config") else 1
     capabilities = {"bf16": True, "fp8": True, "tf32": True, "n_gpu": n_gpu, "compute_capability": "sm_90"}
     return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
 
@@ -260,11 +287,19 @@ def test_example_configs_pass_axolotl_validation(name):
     assert dpo_reference_config_from_flat(validated) == dpo_reference_config_from_flat(cfg)
 
 
+THROUGH_AXOLOTL = [
+    "unknown method",
+    "key of another method",
+    "out of range",
+    "misspelled key",
+    "list entry out of range",
+]
+
+
 @pytest.mark.axolotl
-@pytest.mark.parametrize(
-    ("cfg", "fragments"), [BAD[0], BAD[2], BAD[3], BAD[7], BAD[13]], ids=["method", "applies", "range", "typo", "list"]
-)
-def test_axolotl_validation_rejects_bad_keys_with_our_message(cfg, fragments):
+@pytest.mark.parametrize("case", THROUGH_AXOLOTL)
+def test_axolotl_validation_rejects_bad_keys_with_our_message(case):
+    cfg, fragments = BAD[case]
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")
     base = {k: v for k, v in base.items() if not k.startswith(OUR_PREFIXES)}
     with pytest.raises(ValidationError) as info:
@@ -305,33 +340,48 @@ def test_self_distillation_alias_and_spelling():
     assert self_distillation_config_from_flat(AVERAGING) is None
 
 
-SELF_DISTILLATION_BAD = [
-    ({"self_distillation": True}, "self_distillation: true needs weight_averaging: <method>"),
-    (
+SELF_DISTILLATION_BAD = {
+    "without weight averaging": (
+        {"self_distillation": True},
+        "self_distillation=True: needs weight_averaging",
+    ),
+    "teacher names no averager": (
         {**AVERAGING, "self_distillation": True, "self_distillation_teacher": "ema"},
-        "self_distillation_teacher: 'ema' names no averager (allowed: bema | ema_9)",
+        "self_distillation_teacher='ema': names no averager; did you mean 'bema'? (allowed: bema | ema_9)",
     ),
-    (
+    "alias beside its key": (
         {**AVERAGING, "self_distillation": True, "self_distillation_lambda": 1, "self_distillation_weight": 1},
-        "self_distillation_lambda, self_distillation_weight: set one of them",
+        "self_distillation_lambda=1, self_distillation_weight=1: set one of them",
     ),
-    (
+    "beta without jsd": (
         {**AVERAGING, "self_distillation": True, "self_distillation_beta": 0.3},
-        "self_distillation: self_distillation_beta applies only to self_distillation_divergence='generalized_jsd'",
+        "self_distillation_beta=0.3: applies only to self_distillation_divergence='generalized_jsd'",
     ),
-    (
+    "unknown divergence": (
         {**AVERAGING, "self_distillation": True, "self_distillation_divergence": "kl"},
         "self_distillation_divergence='kl': Input should be 'forward_kl', 'reverse_kl' or 'generalized_jsd'",
     ),
-    ({**AVERAGING, "self_distillation": True, "self_distillation_temperature": 0}, "allowed: number > 0.0"),
-    ({**AVERAGING, "self_distillation_lambda": 1}, "self_distillation_lambda: set without self_distillation"),
-    ({**AVERAGING, "self_distillation": True, "self_distillation_lamda": 1}, "did you mean self_distillation_lambda?"),
-]
+    "zero temperature": (
+        {**AVERAGING, "self_distillation": True, "self_distillation_temperature": 0},
+        "allowed: number > 0.0",
+    ),
+    "alias out of range": (
+        {**AVERAGING, "self_distillation": True, "self_distillation_weight": -1},
+        "self_distillation_weight=-1: Input should be greater than or equal to 0 (allowed: number ≥ 0.0; "
+        "self_distillation_weight is an alias of self_distillation_lambda)",
+    ),
+    "key without switch": (
+        {**AVERAGING, "self_distillation_lambda": 1},
+        "self_distillation_lambda=1: set without self_distillation",
+    ),
+    "misspelled key": (
+        {**AVERAGING, "self_distillation": True, "self_distillation_lamda": 1},
+        "did you mean self_distillation_lambda?",
+    ),
+}
 
 
-@pytest.mark.parametrize(
-    ("cfg", "fragment"), SELF_DISTILLATION_BAD, ids=[str(i) for i in range(len(SELF_DISTILLATION_BAD))]
-)
+@pytest.mark.parametrize(("cfg", "fragment"), SELF_DISTILLATION_BAD.values(), ids=SELF_DISTILLATION_BAD.keys())
 def test_self_distillation_errors_name_the_yaml_key(cfg, fragment):
     with pytest.raises(ValueError) as info:
         check_flat_keys(cfg)
@@ -342,7 +392,9 @@ def test_self_distillation_errors_name_the_yaml_key(cfg, fragment):
 def test_axolotl_validation_self_distillation_needs_a_peft_adapter():
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema_self_distill.yml")
     base = {k: v for k, v in base.items() if not k.startswith("lora_") and k != "adapter"}
-    with pytest.raises(ValidationError, match=r"self_distillation: true needs adapter: lora \| qlora"):
+    with pytest.raises(
+        ValidationError, match=r"self_distillation=True: needs a PEFT adapter .* adapter: lora \| qlora"
+    ):
         _axolotl_validate(base, gpu=False)
 
 
@@ -362,28 +414,44 @@ def test_dpo_reference_round_trip(config):
     assert flat["dpo_reference"] in (config.method, True)
     back = dpo_reference_config_from_flat(yaml.safe_load(yaml.safe_dump(flat)))
     assert back == config
+    # the dump a checkpoint holds (dpo_reference/averager_state.json): flat, every keyword, loads back
+    dumped = json.loads(json.dumps(config.model_dump(mode="json")))
+    assert [f"dpo_reference_{k}" for k in dumped if k != "method"] == [k for k in DPO_REFERENCE.keys if "freq" not in k]
+    assert DPOReferenceConfig(**dumped) == config
 
 
-DPO_REFERENCE_BAD = [
-    ({"dpo_reference": "bemx"}, "dpo_reference: 'bemx' is not allowed (allowed: bema | dema | ema | ouema | tr_dpo"),
-    (
+DPO_REFERENCE_BAD = {
+    "unknown rule": (
+        {"dpo_reference": "bemx"},
+        "dpo_reference='bemx': not a reference update rule, true or false; did you mean 'bema'? "
+        "(allowed: bema | dema | ema | ouema | tr_dpo",
+    ),
+    "key of another method": (
         {"dpo_reference": "bema", "dpo_reference_decay": 0.5},
-        "dpo_reference_decay do(es) not apply to dpo_reference='bema'",
+        "dpo_reference_decay=0.5: does not apply to dpo_reference='bema'",
     ),
-    (
+    "averager key with tr_dpo": (
         {"dpo_reference": "tr_dpo", "dpo_reference_lag": 2},
-        "dpo_reference_lag do(es) not apply to dpo_reference='tr_dpo'; it takes dpo_reference_ref_model_sync_steps",
+        "dpo_reference_lag=2: does not apply to dpo_reference='tr_dpo' (allowed: dpo_reference_ref_model_sync_steps",
     ),
-    (
+    "out of range": (
         {"dpo_reference": "tr_dpo", "dpo_reference_ref_model_mixup_alpha": 0},
         "dpo_reference_ref_model_mixup_alpha=0: Input should be greater than 0",
     ),
-    ({"dpo_reference_lag": 2}, "dpo_reference_lag: set without dpo_reference"),
-    ({"dpo_reference": "ema", "dpo_reference_decy": 0.5}, "did you mean dpo_reference_decay?"),
-]
+    "averager key out of range": (
+        {"dpo_reference": "bema", "dpo_reference_lag": -1},
+        "dpo_reference_lag=-1: Input should be greater than or equal to 0 (allowed: number ≥ 0.0)",
+    ),
+    "alias out of range": (
+        {"dpo_reference": "bema", "dpo_reference_update_freq": 0},
+        "dpo_reference_update_freq=0: Input should be greater than or equal to 1",
+    ),
+    "key without switch": ({"dpo_reference_lag": 2}, "dpo_reference_lag=2: set without dpo_reference"),
+    "misspelled key": ({"dpo_reference": "ema", "dpo_reference_decy": 0.5}, "did you mean dpo_reference_decay?"),
+}
 
 
-@pytest.mark.parametrize(("cfg", "fragment"), DPO_REFERENCE_BAD, ids=[str(i) for i in range(len(DPO_REFERENCE_BAD))])
+@pytest.mark.parametrize(("cfg", "fragment"), DPO_REFERENCE_BAD.values(), ids=DPO_REFERENCE_BAD.keys())
 def test_dpo_reference_errors_name_the_yaml_key(cfg, fragment):
     with pytest.raises(ValueError) as info:
         check_flat_keys(cfg)
@@ -397,14 +465,18 @@ def test_axolotl_only_checks_without_axolotl():
     dpo = {"rl": "dpo", "adapter": "lora", "dpo_reference": "bema"}
     check_axolotl_keys(dpo)
     cases = [
-        ({**dpo, "rl": None}, "dpo_reference moves DPO's reference adapter and needs rl: dpo; got rl: None"),
-        ({**dpo, "adapter": None}, "dpo_reference needs adapter: lora | qlora"),
+        ({**dpo, "rl": None}, "dpo_reference='bema': moves DPO's reference adapter and needs rl: dpo; got rl: None"),
+        ({**dpo, "adapter": None}, "dpo_reference='bema': needs a PEFT adapter (the reference is the 'ref' adapter"),
         ({**dpo, "precompute_ref_log_probs": True}, "precompute_ref_log_probs: true computes its log-probs once"),
         (
             {**dpo, "trl": {"sync_ref_model": True}},
-            "write dpo_reference: tr_dpo with dpo_reference_ref_model_sync_steps",
+            "dpo_reference: tr_dpo with dpo_reference_ref_model_sync_steps",
         ),
-        ({"self_distillation": True, "adapter": None}, "self_distillation: true needs adapter: lora | qlora"),
+        (
+            {"self_distillation": True, "adapter": None},
+            "self_distillation=True: needs a PEFT adapter (the teacher is a second adapter on the same base model); "
+            "got adapter: None (allowed: with adapter: lora | qlora)",
+        ),
     ]
     for cfg, fragment in cases:
         with pytest.raises(ValueError) as info:
@@ -415,7 +487,7 @@ def test_axolotl_only_checks_without_axolotl():
 @pytest.mark.axolotl
 def test_axolotl_validation_dpo_reference_needs_dpo():
     base = load_yaml(EXAMPLES / "cpu" / "sft_lora_bema.yml")  # an SFT run
-    with pytest.raises(ValidationError, match="dpo_reference moves DPO's reference adapter and needs rl: dpo"):
+    with pytest.raises(ValidationError, match="dpo_reference='bema': moves DPO's reference adapter and needs rl: dpo"):
         _axolotl_validate({**base, "dpo_reference": "bema"}, gpu=False)
     dpo = load_yaml(EXAMPLES / "cpu" / "dpo_bema.yml")
     with pytest.raises(ValidationError, match="precompute_ref_log_probs: true"):

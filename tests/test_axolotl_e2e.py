@@ -27,6 +27,7 @@ pytest.importorskip(
     "axolotl", reason="could not import 'axolotl': the Axolotl end-to-end tests run on the axolotl stack only"
 )
 
+import oracles
 from cpu_launch import free_port
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -87,20 +88,14 @@ def adapter_at(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def hand_bema(run: Path, cfg: dict, last: int) -> dict[str, torch.Tensor]:
+    """The oracle's BEMA (float64) of the primary averager's settings over the recorded adapters θ_τ..θ_last."""
     spec = weight_averaging_config_from_flat(cfg).primary
     assert spec.method == "bema" and spec.cadence == 1 and spec.multiplier == 1.0 and spec.min_ema_multiplier == 0.0
-    tau, lag = spec.update_after, spec.lag
-    trajectory = {t: adapter_at(run, t) for t in range(tau, last + 1)}
-    out = {}
-    for key, theta0 in trajectory[tau].items():
-        theta0 = theta0.double()
-        ema = theta0.clone()
-        for t in range(tau + 1, last + 1):
-            beta = (lag + t) ** -spec.ema_power
-            ema = (1 - beta) * ema + beta * trajectory[t][key].double()
-        alpha = (lag + last) ** -spec.bias_power
-        out[key] = alpha * (trajectory[last][key].double() - theta0) + ema
-    return out
+    trajectory = {t: adapter_at(run, t) for t in range(spec.update_after, last + 1)}
+    return oracles.bema(
+        trajectory, update_after=spec.update_after, lag=spec.lag, ema_power=spec.ema_power,
+        bias_power=spec.bias_power, at=last,
+    )  # fmt: skip
 
 
 def assert_matches_hand_bema(run: Path, cfg: dict, folder: Path, step: int) -> None:
@@ -205,7 +200,7 @@ def test_dpo_bema(workspace):
         assert reference.keys() == averaged.keys()
         for key in averaged:
             torch.testing.assert_close(reference[key], averaged[key], rtol=0, atol=1e-7)
-    state = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "dpo_reference" / "averager_state.json").read_text())
+    state = json.loads((run / f"checkpoint-{cfg['max_steps']}" / "reference" / "averager_state.json").read_text())
     assert state["last_sync_step"] == cfg["max_steps"]
 
 
@@ -229,13 +224,23 @@ def test_zero3_two_processes_bema(workspace):
 
 def test_bad_key_fails_validation_with_our_message(workspace):
     cfg = yaml.safe_load((CPU_CONFIGS / "sft_lora_bema.yml").read_text())
-    cfg["weight_averaging_decay"] = 0.9  # EMA's decay, set on BEMA
-    cfg["output_dir"] = "./outputs/never"
-    bad = workspace / "bad.yml"
-    bad.write_text(yaml.safe_dump(cfg))
-    result = axolotl("train", str(bad), cwd=workspace, timeout=240, expect_ok=False)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "weight_averaging_decay: does not apply to weight_averaging: bema" in output
-    assert "weight_averaging_lag" in output  # the keys that do apply
-    assert not (workspace / "outputs" / "never").exists()
+    lag = cfg.pop("weight_averaging_lag")
+    cases = [
+        (  # EMA's decay, set on BEMA
+            {**cfg, "weight_averaging_lag": lag, "weight_averaging_decay": 0.9},
+            "weight_averaging_decay=0.9: does not apply to weight_averaging='bema' (allowed: "
+            "weight_averaging_bias_power, weight_averaging_ema_power, weight_averaging_lag",
+        ),
+        (  # misspelled: Axolotl drops keys it does not know, and the run would train with the default lag
+            {**cfg, "weight_averagin_lag": lag},
+            f"weight_averagin_lag={lag}: unknown key (did you mean weight_averaging_lag?)",
+        ),
+    ]
+    for bad_cfg, message in cases:
+        bad = workspace / "bad.yml"
+        bad.write_text(yaml.safe_dump({**bad_cfg, "output_dir": "./outputs/never"}))
+        result = axolotl("train", str(bad), cwd=workspace, timeout=240, expect_ok=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert message in output, output[-3000:]
+        assert not (workspace / "outputs" / "never").exists()

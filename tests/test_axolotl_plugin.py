@@ -11,8 +11,9 @@ pytest.importorskip("axolotl", reason="could not import 'axolotl': the plugin te
 
 from axolotl.integrations.base import BasePlugin, load_plugin
 from axolotl.utils.dict import DictDefault
+from ds_common import cpu_training_args
 from peft import LoraConfig
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from trl_ema_plugin.integrations.trl import WeightAveragingCallback
 
@@ -21,15 +22,7 @@ pytestmark = pytest.mark.axolotl
 
 
 def sft_trainer(tmp_path, model, tokenizer, sft_data) -> SFTTrainer:
-    args = SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        use_cpu=True,
-        max_length=64,
-        report_to=[],
-        bf16=False,
-    )
+    args = cpu_training_args(str(tmp_path), max_steps=2, per_device_train_batch_size=4, max_length=64)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     return SFTTrainer(model=model, args=args, train_dataset=sft_data[0], processing_class=tokenizer, peft_config=lora)
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ds_common import cpu_training_args
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from trl_ema_plugin.cli.export import find_averaged_folder, main
 from trl_ema_plugin.config.flat_keys import weight_averaging_config_from_flat
@@ -43,18 +44,10 @@ def run(tmp_path_factory, tokenizer, sft_data):
     tokenizer.save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     config = weight_averaging_config_from_flat(yaml.safe_load(AVERAGING_YAML))
-    args = SFTConfig(
-        output_dir=str(root / "out"),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=0.05,
-        use_cpu=True,
-        max_length=64,
-        report_to=[],
-        bf16=False,
-        seed=0,
-    )
+    args = cpu_training_args(
+        str(root / "out"), max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=4,
+        learning_rate=0.05, max_length=64, seed=0,
+    )  # fmt: skip
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0)
     trainer = SFTTrainer(
         model=model,

@@ -15,6 +15,7 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
+import oracles
 import pytest
 import torch
 from conftest import launch_two_ranks
@@ -102,37 +103,11 @@ def peft_key(name: str) -> str:
     return name.replace(".default.", ".")
 
 
-def hand_bema(trajectory: dict, last: int, start: dict | None = None) -> dict[str, torch.Tensor]:
-    """BEMA of the spec in sft_zero.AVERAGERS, in fp32 and in the store's order of operations.
-
-    β_t = max((ρ + t)^−κ, 0), α_t = (ρ + t)^−η; θ0 = EMA = θ_τ at τ = update_after; EMA ← lerp(EMA, θ_t, β_t)
-    at each step; output ((θ_T − θ0)·α_T) + EMA_T. ``start``: saved (θ0, EMA) to continue from.
-    """
-    spec = _script().AVERAGERS[0]
-    tau, lag, kappa, eta = spec["update_after"], spec["lag"], spec["ema_power"], spec["bias_power"]
-    if start is None:
-        first = tau
-        theta0 = {n: w.clone() for n, w in trajectory[tau].items()}
-        ema = {n: w.clone() for n, w in trajectory[tau].items()}
-    else:
-        first, theta0, ema = start["step"], start["theta0"], start["ema"]
-    for t in range(first + 1, last + 1):
-        beta = max((lag + 1.0 * t) ** (-kappa), 0.0)
-        ema = {n: torch.lerp(ema[n], trajectory[t][n], beta) for n in ema}
-    alpha = (lag + 1.0 * last) ** (-eta)
-    return {n: ((trajectory[last][n] - theta0[n]) * alpha) + ema[n] for n in ema}
-
-
-def hand_ema(trajectory: dict, last: int, start: dict | None = None) -> dict[str, torch.Tensor]:
-    """EMA_t = lerp(EMA_{t−1}, θ_t, 1 − d) from EMA = θ_τ, in fp32."""
-    spec = _script().AVERAGERS[1]
-    if start is None:
-        first, ema = spec["update_after"], {n: w.clone() for n, w in trajectory[spec["update_after"]].items()}
-    else:
-        first, ema = start["step"], start["ema"]
-    for t in range(first + 1, last + 1):
-        ema = {n: torch.lerp(ema[n], trajectory[t][n], 1.0 - spec["decay"]) for n in ema}
-    return ema
+def hand(method: str, trajectory: dict, last: int, start: dict | None = None) -> dict[str, torch.Tensor]:
+    """The oracle of sft_zero.AVERAGERS' ``method`` at step ``last``, in fp32 and in the store's order of operations
+    (so it must match bit for bit); ``start``: the saved state to continue from (``{"step", "theta0", "ema"}``)."""
+    spec = next(spec for spec in _script().AVERAGERS if spec["method"] == method)
+    return oracles.averaged(trajectory, spec, at=last, resume=start, dtype=torch.float32)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,8 +146,8 @@ def test_averaged_adapter_is_exactly_the_hand_average_of_the_gathered_trajectory
     assert sorted(trajectory) == list(range(MAX_STEPS + 1))
     out = two_ranks["dir"]
     for step, folder in ((SAVE_STEPS, out / f"checkpoint-{SAVE_STEPS}"), (MAX_STEPS, out)):
-        assert_adapter_equals(folder / "averaged", hand_bema(trajectory, step))
-        assert_adapter_equals(folder / "averaged-ema", hand_ema(trajectory, step))
+        assert_adapter_equals(folder / "averaged", hand("bema", trajectory, step))
+        assert_adapter_equals(folder / "averaged-ema", hand("ema", trajectory, step))
     # and the average really moved away from the raw weights
     raw = {peft_key(n): w for n, w in trajectory[MAX_STEPS].items()}
     written = adapter(out / "averaged-ema")
@@ -209,23 +184,16 @@ def test_eval_swap_uses_averaged_weights_and_restores_them_exactly(two_ranks, tm
 
 
 def _eval_loss_of(adapter_folder: Path, tmp_path: Path) -> float:
+    from ds_common import cpu_training_args
     from peft import PeftModel
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
     module = _script()
     tokenizer = tiny_tokenizer()
     model = PeftModel.from_pretrained(tiny_llama(tokenizer, seed=0), str(adapter_folder))
-    args = SFTConfig(
-        output_dir=str(tmp_path / "eval"),
-        per_device_eval_batch_size=module.EVAL_BATCH,
-        use_cpu=True,
-        bf16=False,
-        max_length=48,
-        report_to=[],
-        disable_tqdm=True,
-    )
+    args = cpu_training_args(str(tmp_path / "eval"), per_device_eval_batch_size=module.EVAL_BATCH, max_length=48)
     data = tiny_sft_dataset(8, seed=1)  # SFTTrainer requires a train_dataset; it is not trained on
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer)
     return trainer.evaluate()["eval_loss"]
@@ -265,9 +233,9 @@ def test_resume_on_one_process_from_a_two_rank_checkpoint(two_ranks, sft_zero, t
         return {k[len(prefix) :]: v for k, v in saved[name].items() if k.startswith(prefix)}
 
     bema_start = {"step": SAVE_STEPS, "theta0": state("bema", "theta0"), "ema": state("bema", "ema")}
-    assert_adapter_equals(out / "averaged", hand_bema(trajectory, MAX_STEPS, start=bema_start))
+    assert_adapter_equals(out / "averaged", hand("bema", trajectory, MAX_STEPS, start=bema_start))
     ema_start = {"step": SAVE_STEPS, "ema": state("ema", "ema")}
-    assert_adapter_equals(out / "averaged-ema", hand_ema(trajectory, MAX_STEPS, start=ema_start))
+    assert_adapter_equals(out / "averaged-ema", hand("ema", trajectory, MAX_STEPS, start=ema_start))
 
 
 def test_full_finetune_under_zero3_writes_the_averaged_model(tmp_path):
@@ -281,7 +249,7 @@ def test_full_finetune_under_zero3_writes_the_averaged_model(tmp_path):
     )
     run = _load_run(folder)
     assert [r["layout"] for r in run["report"]["ranks"]] == ["Zero3Layout"] * 2
-    expected = hand_bema(run["trajectory"], SAVE_STEPS)
+    expected = hand("bema", run["trajectory"], SAVE_STEPS)
     assert "model.embed_tokens.weight" in expected and "lm_head.weight" in expected  # not an adapter
     for where in (folder / f"checkpoint-{SAVE_STEPS}" / "averaged", folder / "averaged"):
         written = load_file(str(where / "model.safetensors"))

@@ -160,7 +160,7 @@ def test_config_defaults_and_aliases():
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": -1.0}, "temperature"),
         ({"divergence": "kl"}, "(?s)divergence.*'forward_kl', 'reverse_kl' or 'generalized_jsd'"),
-        ({"beta": 0.5}, "beta applies only to divergence='generalized_jsd'"),
+        ({"beta": 0.5}, "beta=0.5: applies only to divergence='generalized_jsd'"),
         ({"divergence": "generalized_jsd", "beta": 1.5}, "beta"),
         ({"top_k": 0}, "top_k"),
         ({"distill_every": 0}, "distill_every"),

@@ -6,8 +6,10 @@ import copy
 
 import pytest
 import torch
+from ds_common import cpu_training_args
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl_helpers import grads, logged, lora_config, params
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
@@ -18,31 +20,13 @@ TEACHER = "ema_teacher"
 
 def lora(variant: str = "lora") -> LoraConfig:
     # init_lora_weights=False: lora_B is random, so an adapter that was never written differs from the trained one
-    return LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules="all-linear",
-        lora_dropout=0.0,
-        init_lora_weights=False,
-        use_dora=variant == "dora",
-        use_rslora=variant == "rslora",
-    )
+    return lora_config(variant, init_lora_weights=False)
 
 
-def common(tmp_path, **overrides) -> dict:
-    args = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        use_cpu=True,
-        max_length=48,
-        report_to=[],
-        bf16=False,
-        logging_steps=1,
-        learning_rate=5e-3,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    return {**args, **overrides}
+def cpu_args(config_class, tmp_path, **overrides):
+    """Two short steps on the CPU (the trainer's default seed)."""
+    values = dict(max_steps=2, max_length=48, logging_steps=1, learning_rate=5e-3)
+    return cpu_training_args(str(tmp_path / "out"), config_class, **{**values, **overrides})
 
 
 def sft_trainer(tmp_path, tokenizer, model, data, *, variant="lora", averager=None, distill=None, **args):
@@ -50,7 +34,7 @@ def sft_trainer(tmp_path, tokenizer, model, data, *, variant="lora", averager=No
     distillation = SelfDistillationCallback(**(distill or {"lambda_": 1.0, "temperature": 2.0}))
     trainer = SFTTrainer(
         model=model,
-        args=SFTConfig(**common(tmp_path, **{"per_device_train_batch_size": 4, **args})),
+        args=cpu_args(SFTConfig, tmp_path, **{"per_device_train_batch_size": 4, **args}),
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=lora(variant),
@@ -65,7 +49,7 @@ def dpo_trainer(tmp_path, tokenizer, model, data, *, distill=None, **args):
     distillation = SelfDistillationCallback(**(distill or {"lambda_": 1.0}))
     trainer = DPOTrainer(
         model=model,
-        args=DPOConfig(**common(tmp_path, **{"per_device_train_batch_size": 2, **args})),
+        args=cpu_args(DPOConfig, tmp_path, **{"per_device_train_batch_size": 2, **args}),
         train_dataset=data,
         processing_class=tokenizer,
         peft_config=lora(),
@@ -73,14 +57,6 @@ def dpo_trainer(tmp_path, tokenizer, model, data, *, distill=None, **args):
     )
     attach(trainer)
     return trainer, averaging, distillation
-
-
-def logged(trainer, key: str) -> list[float]:
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
-
-
-def params(model, adapter: str) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
 
 
 def first_batch(trainer) -> dict:
@@ -102,10 +78,6 @@ def hand_term(trainer, averaging, batch, positions, lam: float, tau: float) -> t
     log_p_s = torch.log_softmax(student_logits[:, :-1][positions] / tau, -1)
     kl = (p_t * (torch.log(p_t) - log_p_s)).sum(-1)
     return lam * tau**2 * kl.mean()
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # ----------------------------------------------------------------------------------- tests
@@ -251,7 +223,7 @@ def test_distill_every_and_top_k(tmp_path, tokenizer, model, sft_data):
 
 def test_misuse_fails_clearly(tmp_path, tokenizer, model, sft_data):
     data = sft_data[0]
-    args = SFTConfig(**common(tmp_path, per_device_train_batch_size=4))
+    args = cpu_args(SFTConfig, tmp_path, per_device_train_batch_size=4)
     no_averaging = SFTTrainer(
         model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora(),
         callbacks=[SelfDistillationCallback()],

@@ -10,9 +10,11 @@ import copy
 import importlib.util
 from pathlib import Path
 
+import oracles
 import pytest
 import torch
 from conftest import launch_two_ranks
+from ds_common import cpu_training_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
@@ -49,23 +51,9 @@ def lora_policy(tokenizer, seed: int = 0):
 
 
 def dpo_args(tmp_path, **overrides) -> DPOConfig:
-    values = {
-        "output_dir": str(tmp_path),
-        "max_steps": 5,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "use_cpu": True,
-        "bf16": False,
-        "max_length": 64,
-        "report_to": [],
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "gradient_checkpointing": False,
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    values.update(overrides)
-    return DPOConfig(**values)
+    values = dict(max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2, max_length=64, logging_steps=1,
+                  gradient_checkpointing=False, seed=0)  # fmt: skip
+    return cpu_training_args(str(tmp_path), DPOConfig, **{**values, **overrides})
 
 
 def adapter_values(model, adapter: str) -> list[torch.Tensor]:
@@ -122,21 +110,8 @@ def next_token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def hand_bema(thetas: dict[int, list[torch.Tensor]], t: int) -> list[torch.Tensor]:
-    """θ̂_t = α_t (θ_t − θ_τ) + EMA_t, EMA_t = (1 − β_t) EMA_{t−1} + β_t θ_t, EMA_τ = θ_τ (update_every = 1)."""
-    tau, lag, gamma, kappa, eta = (
-        BEMA["update_after"],
-        BEMA["lag"],
-        BEMA["multiplier"],
-        BEMA["ema_power"],
-        BEMA["bias_power"],
-    )
-    theta0 = thetas[tau]
-    ema = [x.clone() for x in theta0]
-    for s in range(tau + 1, t + 1):
-        beta = (lag + gamma * s) ** -kappa
-        ema = [(1 - beta) * e + beta * x for e, x in zip(ema, thetas[s], strict=True)]
-    alpha = (lag + gamma * t) ** -eta
-    return [alpha * (x - x0) + e for x, x0, e in zip(thetas[t], theta0, ema, strict=True)]
+    """The reference at sync step t: BEMA (spec ``BEMA``) of the policy adapters θ_τ..θ_t, by the oracle, in fp32."""
+    return [x.float() for x in oracles.bema(thetas, **BEMA, at=t)]
 
 
 def assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], atol: float = 1e-6) -> None:
@@ -235,14 +210,13 @@ def test_tr_dpo_mixup_every_sync_steps(tmp_path, tokenizer, dpo_data, alpha):
         callbacks=[reference, recorder],
     )
     trainer.train()
-    expected = recorder.theta[0]
     for t in range(1, 5):
         if t % 2 == 0:
-            expected = [alpha * x + (1 - alpha) * r for x, r in zip(recorder.theta[t], expected, strict=True)]
             assert not all_equal(recorder.ref[t], recorder.ref[t - 1])
         else:
             assert all_equal(recorder.ref[t], recorder.ref[t - 1])
-        assert_close(recorder.ref[t], expected)
+        expected = oracles.tr_dpo(recorder.theta, ref_model_sync_steps=2, ref_model_mixup_alpha=alpha, at=t)
+        assert_close(recorder.ref[t], [x.float() for x in expected])
     if alpha == 1.0:  # the hard update keeps no averager state and copies θ exactly
         assert reference.weights is None and reference.memory_bytes() == 0
         assert all_equal(recorder.ref[4], recorder.theta[4])
@@ -356,13 +330,16 @@ def test_add_reference_adapter_is_a_frozen_copy_and_idempotent(tokenizer):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "nope"}, "allowed values: .*tr_dpo"),
-        ({"method": "bema", "ref_model_mixup_alpha": 0.5}, "apply only to method='tr_dpo'"),
-        ({"method": "tr_dpo", "decay": 0.9}, "do\\(es\\) not apply to method='tr_dpo'"),
-        ({"method": "tr_dpo", "ref_update_every": 3}, "do\\(es\\) not apply to method='tr_dpo'"),
+        ({"method": "nope"}, "allowed: .*tr_dpo"),
+        ({"method": "bema", "ref_model_mixup_alpha": 0.5}, "applies only to method='tr_dpo'"),
+        ({"method": "tr_dpo", "decay": 0.9}, "decay=0.9: does not apply to method='tr_dpo'"),
+        ({"method": "tr_dpo", "ref_update_every": 3}, "ref_update_every=3: does not apply to method='tr_dpo'"),
         ({"method": "ema", "ema_power": 0.3}, "ema_power"),
         ({"method": "tr_dpo", "ref_model_mixup_alpha": 1.5}, "ref_model_mixup_alpha"),
-        ({"method": "tr_dpo", "ref_model_mixup_alpha": 1.0, "offload": True}, "offload does not apply"),
+        (
+            {"method": "tr_dpo", "ref_model_mixup_alpha": 1.0, "offload": True},
+            "offload=True, .*no averager state to offload",
+        ),
         ({"method": "ema", "update_every": 2, "update_freq": 2}, "update_freq"),
     ],
 )
@@ -499,9 +476,16 @@ def test_zero3_reference_sync_on_two_ranks(zero3_runs, tokenizer, persistence):
     assert run["world_size"] == 2 and run["layouts"] == ["Zero3Layout", "Zero3Layout"] and run["ds_partitioned"]
     assert all(run["ds_persist"]) if persistence == "default" else not any(run["ds_persist"])
     assert run["base_identical"]
+    assert_two_rank_reference(run, script.MAX_STEPS, tiny_llama(tokenizer, seed=0))
+
+
+def assert_two_rank_reference(run: dict, max_steps: int, initial_base) -> None:
+    """A 2-rank run of ``dpo_reference_zero.run`` (ZeRO-3 or FSDP2): "ref" starts as θ_0, equals the hand BEMA of the
+    gathered policy at each sync step (every 2nd) and stays put in between; each reference forward of rank 0
+    equals a one-process base model + the adapter of its step."""
     theta, ref = run["theta"], run["ref"]
-    assert all_equal(ref[0], theta[0])
-    for t in range(1, script.MAX_STEPS + 1):
+    assert sorted(theta) == list(range(max_steps + 1)) and all_equal(ref[0], theta[0])
+    for t in range(1, max_steps + 1):
         if t % 2 == 0:
             assert not all_equal(ref[t], ref[t - 1]), f"reference did not move at sync step {t}"
             assert_close(ref[t], hand_bema(theta, t))
@@ -510,4 +494,4 @@ def test_zero3_reference_sync_on_two_ranks(zero3_runs, tokenizer, persistence):
     captured = run["captured"]
     assert [step for step, *_ in captured] == [0, 1, 2, 3]
     expected = {0: theta[0], 1: theta[0], 2: hand_bema(theta, 2), 3: hand_bema(theta, 2)}
-    assert_reference_log_probs(captured, expected, tiny_llama(tokenizer, seed=0))
+    assert_reference_log_probs(captured, expected, initial_base)

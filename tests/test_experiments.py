@@ -172,7 +172,9 @@ def test_installed_gguf_is_found_through_the_distribution_files(monkeypatch):
 
 
 def test_unknown_averager_in_the_list_names_the_registered_ones():
-    with pytest.raises(ValueError, match="allowed values: bema, dema, ema, ouema"):
+    with pytest.raises(
+        ValueError, match=r"method='swa': not a registered averager \(allowed: bema \| dema \| ema \| ouema"
+    ):
         WeightAveragingCallback(averagers=[*SFT_AVERAGERS, {"name": "swa", "method": "swa"}])
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import oracles
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
-from trl_helpers import WeightRecorder, hand_ema, sft_trainer
+from trl_helpers import WeightRecorder, sft_trainer
 
 from trl_ema_plugin import WeightAveragingCallback
 from trl_ema_plugin.demos.tiny import tiny_tokenizer
@@ -32,7 +33,7 @@ def test_lora_on_conv1d_layers_is_averaged_and_exported(tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     trainer = sft_trainer(str(tmp_path), [recorder, callback], peft=lora, model=tiny_gpt2(), max_steps=4)
     trainer.train()
-    expected = hand_ema(recorder.weights, update_after=1, every=1, decay=0.6)
+    expected = oracles.averaged(recorder.weights, EMA_KW)
     assert len(expected) == 2 * 2 * 4  # A and B of 4 Conv1D layers in 2 blocks
     averaged = callback.averaged_tensors()
     for name, value in expected.items():
@@ -51,7 +52,7 @@ def test_full_finetune_with_tied_embeddings(tmp_path):
     callback = WeightAveragingCallback(**EMA_KW, eval=False)
     trainer = sft_trainer(str(tmp_path), [recorder, callback], peft=None, model=tiny_gpt2(), max_steps=4)
     trainer.train()
-    expected = hand_ema(recorder.weights, update_after=1, every=1, decay=0.6)
+    expected = oracles.averaged(recorder.weights, EMA_KW)
     assert "transformer.wte.weight" in expected and "lm_head.weight" not in expected  # one shadow for the tied pair
     averaged = callback.averaged_tensors()
     for name, value in expected.items():

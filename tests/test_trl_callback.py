@@ -6,12 +6,14 @@ import os
 import shutil
 import warnings
 
+import oracles
 import pytest
 import torch
+from ds_common import cpu_training_args
 from peft import PeftModel
 from safetensors.torch import load_file
 from trl import BEMACallback
-from trl_helpers import WeightRecorder, hand_bema, hand_ema, lora_config, sft_trainer
+from trl_helpers import WeightRecorder, lora_config, sft_trainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_tokenizer
@@ -49,9 +51,7 @@ def test_adapter_average_matches_hand_computation(tmp_path, kind):
     callback = WeightAveragingCallback(**BEMA_KW, eval=False)
     trainer = sft_trainer(str(tmp_path), [recorder, callback], peft=kind, max_steps=6)
     trainer.train()
-    expected = hand_bema(
-        recorder.weights, update_after=2, every=1, lag=3.0, multiplier=0.5, ema_power=0.6, bias_power=0.3
-    )
+    expected = oracles.averaged(recorder.weights, BEMA_KW)
     assert_close_to_hand(callback.averaged_tensors(), expected)
     if kind == "dora":
         assert any("lora_magnitude_vector" in n for n in expected)
@@ -71,28 +71,25 @@ def test_adapter_average_matches_hand_computation(tmp_path, kind):
 
 def test_several_averagers_in_one_run(tmp_path):
     recorder = WeightRecorder()
+    ema_fast = {"name": "ema_fast", "method": "ema", "decay": 0.5, "update_after": 1, "update_every": 2}
     callback = WeightAveragingCallback(
-        averagers=[
-            {"name": "ema_fast", "method": "ema", "decay": 0.5, "update_after": 1, "update_every": 2},
-            {"name": "bema", **{k: v for k, v in BEMA_KW.items() if k != "method"}, "method": "bema"},
-        ],
+        averagers=[ema_fast, {"name": "bema", **{k: v for k, v in BEMA_KW.items() if k != "method"}, "method": "bema"}],
         eval=False,
     )
     sft_trainer(str(tmp_path), [recorder, callback], max_steps=7).train()
-    assert_close_to_hand(
-        callback.averaged_tensors("ema_fast"), hand_ema(recorder.weights, update_after=1, every=2, decay=0.5)
-    )
+    assert_close_to_hand(callback.averaged_tensors("ema_fast"), oracles.averaged(recorder.weights, ema_fast))
     assert (tmp_path / "averaged" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "averaged-bema" / "adapter_model.safetensors").is_file()
 
 
 def test_full_finetune_with_offloaded_shadow(tmp_path):
     recorder = WeightRecorder()
-    callback = WeightAveragingCallback(method="ema", decay=0.8, update_after=1, offload=True, eval=False)
+    ema = {"method": "ema", "decay": 0.8, "update_after": 1}
+    callback = WeightAveragingCallback(**ema, offload=True, eval=False)
     trainer = sft_trainer(str(tmp_path), [recorder, callback], peft=None, max_steps=4)
     trainer.train()
     assert all(b.device.type == "cpu" for b in callback.primary.averager.buffers.values())
-    assert_close_to_hand(callback.averaged_tensors(), hand_ema(recorder.weights, update_after=1, every=1, decay=0.8))
+    assert_close_to_hand(callback.averaged_tensors(), oracles.averaged(recorder.weights, ema))
     assert (tmp_path / "averaged" / "model.safetensors").is_file()
 
 
@@ -240,17 +237,10 @@ def test_dpo_averaged_evaluation_without_attach_fails_before_training(tmp_path):
     from trl_ema_plugin.demos.tiny import tiny_dpo_dataset
 
     tokenizer = tiny_tokenizer()
-    args = DPOConfig(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=2,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        eval_strategy="steps",
-        eval_steps=1,
+    args = cpu_training_args(
+        str(tmp_path), DPOConfig, max_steps=2, per_device_train_batch_size=2, eval_strategy="steps", eval_steps=1,
         max_length=64,
-    )
+    )  # fmt: skip
     trainer = DPOTrainer(
         model=tiny_llama(tokenizer),
         args=args,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 
+import oracles
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from trl import SFTTrainer
-from trl_helpers import WeightRecorder, hand_bema, lora_config, sft_args, sft_trainer
+from trl_helpers import WeightRecorder, lora_config, sft_args, sft_trainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
@@ -33,7 +34,7 @@ def test_load_best_model_at_end_does_not_leak_into_the_bema_export(tmp_path):
     assert not trainer.state.best_model_checkpoint.endswith("checkpoint-6")
     live = WeightRecorder.snapshot(trainer.model)
     assert any(not torch.equal(live[n], recorder.weights[6][n]) for n in live)  # the best weights were loaded
-    expected = hand_bema(recorder.weights, update_after=1, every=1, lag=3.0, ema_power=0.6, bias_power=0.3)
+    expected = oracles.averaged(recorder.weights, BEMA_KW)
     exported = PeftModel.from_pretrained(tiny_llama(tiny_tokenizer(), seed=0), str(tmp_path / "averaged"))
     params = dict(exported.named_parameters())
     for name, value in expected.items():

@@ -1,10 +1,11 @@
-"""Small builders shared by the TRL tests: a trainer on the tiny model, and a weight recorder."""
+"""Small builders shared by the TRL tests: a trainer on the tiny model, and a weight recorder (for tests/oracles.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from ds_common import TINY_RUN, cpu_training_args
 from peft import LoraConfig
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -12,37 +13,16 @@ from trl import SFTConfig, SFTTrainer
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 
 
-def lora_config(kind: str = "lora") -> LoraConfig:
-    return LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules="all-linear",
-        lora_dropout=0.0,
-        use_dora=kind == "dora",
-        use_rslora=kind == "rslora",
-    )
+def lora_config(kind: str = "lora", **overrides: Any) -> LoraConfig:
+    """r=4 on every linear layer; ``kind``: "lora", "dora" or "rslora"."""
+    values = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    return LoraConfig(**values, use_dora=kind == "dora", use_rslora=kind == "rslora", **overrides)
 
 
 def sft_args(output_dir: str, **overrides: Any) -> SFTConfig:
-    values: dict[str, Any] = dict(
-        output_dir=output_dir,
-        max_steps=6,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=2e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        max_length=48,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return SFTConfig(**values)
+    """The tests' default SFT run: :data:`ds_common.TINY_RUN`, 6 steps of 4 examples, on the CPU."""
+    values = {**TINY_RUN, "max_steps": 6, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4}
+    return cpu_training_args(output_dir, **{**values, **overrides})
 
 
 def sft_trainer(
@@ -82,36 +62,16 @@ class WeightRecorder(TrainerCallback):
         self.weights[state.global_step] = self.snapshot(model)
 
 
-def hand_bema(
-    weights: dict[int, dict[str, torch.Tensor]],
-    *,
-    update_after: int,
-    every: int,
-    lag: float,
-    multiplier: float = 1.0,
-    ema_power: float = 0.5,
-    bias_power: float = 0.2,
-) -> dict[str, torch.Tensor]:
-    """BEMA by the paper's formula, in float64, from recorded weights."""
-    last_step = max(weights)
-    theta0 = {n: w.double() for n, w in weights[update_after].items()}
-    ema = {n: w.clone() for n, w in theta0.items()}
-    last = update_after
-    for t in range(update_after + 1, last_step + 1):
-        if (t - update_after) % every:
-            continue
-        beta = (lag + multiplier * t) ** -ema_power
-        ema = {n: (1 - beta) * ema[n] + beta * weights[t][n].double() for n in ema}
-        last = t
-    alpha = (lag + multiplier * last) ** -bias_power
-    return {n: ema[n] + alpha * (weights[last][n].double() - theta0[n]) for n in ema}
+def logged(trainer, key: str) -> list[float]:
+    """The values of ``key`` in the trainer's log history, in order."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-def hand_ema(
-    weights: dict[int, dict[str, torch.Tensor]], *, update_after: int, every: int, decay: float
-) -> dict[str, torch.Tensor]:
-    ema = {n: w.double() for n, w in weights[update_after].items()}
-    for t in range(update_after + 1, max(weights) + 1):
-        if (t - update_after) % every == 0:
-            ema = {n: decay * ema[n] + (1 - decay) * weights[t][n].double() for n in ema}
-    return ema
+def params(model, adapter: str) -> dict[str, torch.Tensor]:
+    """Copies of the parameters of PEFT adapter ``adapter``, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if f".{adapter}." in n}
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    """Copies of the gradients the model holds, by parameter name."""
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -6,7 +6,7 @@ from .config.distillation import SelfDistillationConfig
 from .config.dpo_reference import DPOReferenceConfig
 from .integrations.trl import WeightAveragingCallback, attach
 from .integrations.trl.distillation import SelfDistillationCallback
-from .integrations.trl.dpo_reference import AveragedReferenceCallback, add_reference_adapter
+from .integrations.trl.reference import AveragedReferenceCallback, add_reference_adapter
 from .shadow import AveragedWeights
 
 __version__ = "0.1.0"

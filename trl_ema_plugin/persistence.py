@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,20 @@ def write_state(folder: Path, tensors: dict[str, Tensor], metadata: dict[str, An
     save_file(tensors, str(folder / STATE_TENSORS))
     payload = {"format_version": FORMAT_VERSION, "global_step": global_step, **metadata}
     (folder / STATE_JSON).write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def write_state_folder(
+    final: str | os.PathLike[str],
+    tensors: dict[str, Tensor],
+    metadata: dict[str, Any],
+    global_step: int,
+    add_files: Callable[[Path], None] | None = None,
+) -> None:
+    """Write the folder ``final`` atomically: ``add_files(folder)`` (e.g. the averaged adapter), then the state."""
+    with atomic_directory(final) as folder:
+        if add_files is not None:
+            add_files(folder)
+        write_state(folder, tensors, metadata, global_step)
 
 
 def read_state(

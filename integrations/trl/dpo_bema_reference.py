@@ -18,9 +18,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from trl_ema_plugin import WeightAveragingCallback, attach
+from trl_ema_plugin import AveragedReferenceCallback, WeightAveragingCallback, attach
 from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
-from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
 
 
 class ReferenceMoves(TrainerCallback):

@@ -2,9 +2,10 @@
 
 Launched by tests/test_distillation_deepspeed.py as
 ``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port P distill_zero.py --zero 3 --output_dir D``
-(2 ranks), or imported and called in-process for the 1-process twin (same global batch, same order).
-Rank 0 writes ``D/report.json``: the logged ``loss``, ``loss/task``, ``loss/distill``, the number of
-teacher forwards and the teacher's layout class.
+(2 ranks), or imported and called in-process for the 1-process twin (same global batch, same order);
+``run`` also serves the FSDP2 twin, tests/fsdp_scripts/distill_fsdp2.py. Rank 0 writes ``D/report.json``:
+the logged ``loss``, ``loss/task``, ``loss/distill``, the number of teacher forwards, the teacher's layout
+class and the bytes of the teacher adapter on rank 0.
 """
 
 from __future__ import annotations
@@ -15,20 +16,19 @@ import os
 from typing import Any
 
 import torch
-from ds_common import zero_config
+from ds_common import twin_args
 from peft import LoraConfig, get_peft_model
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from trl_ema_plugin import WeightAveragingCallback, attach
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_sft_dataset, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.distillation import SelfDistillationCallback
 
-GLOBAL_BATCH = 4
-LEARNING_RATE = 2e-2
 
-
-def run(output_dir: str, zero: int | None = None, persistence: str = "default", max_steps: int = 3) -> dict[str, Any]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def run(
+    output_dir: str, zero: int | None = None, persistence: str = "default", max_steps: int = 3, **overrides: Any
+) -> dict[str, Any]:
+    """``overrides``: more training arguments (another engine: ``fsdp=True, fsdp_config=...``)."""
     tokenizer = tiny_tokenizer()
     model = tiny_llama(tokenizer, seed=0)
     torch.manual_seed(1)  # identical LoRA initialisation on every rank and in the twin
@@ -37,24 +37,7 @@ def run(output_dir: str, zero: int | None = None, persistence: str = "default", 
         r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM"
     )
     model = get_peft_model(model, lora)
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        train_sampling_strategy="sequential",
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        max_length=48,
-        seed=0,
-        disable_tqdm=True,
-        deepspeed=zero_config(zero, persistence) if zero is not None else None,
-    )
+    args = twin_args(output_dir, zero, persistence, max_steps=max_steps, **overrides)
     distillation = SelfDistillationCallback(lambda_=1.0, temperature=2.0)
     trainer = SFTTrainer(
         model=model,
@@ -67,7 +50,12 @@ def run(output_dir: str, zero: int | None = None, persistence: str = "default", 
     trainer.train()
     history = trainer.state.log_history
     report = {key: [entry[key] for entry in history if key in entry] for key in ("loss", "loss/task", "loss/distill")}
-    report.update(teacher_forwards=distillation.teacher_forwards, layout=type(distillation.teacher.layout).__name__)
+    teacher = distillation.teacher
+    report.update(
+        teacher_forwards=distillation.teacher_forwards,
+        layout=type(teacher.layout).__name__,
+        teacher_bytes=teacher.memory_bytes(),
+    )
     if trainer.is_world_process_zero():
         with open(os.path.join(output_dir, "report.json"), "w") as handle:
             json.dump(report, handle)

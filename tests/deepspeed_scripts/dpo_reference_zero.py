@@ -1,4 +1,5 @@
-"""One DPOTrainer + LoRA run with AveragedReferenceCallback (BEMA reference), under DeepSpeed ZeRO-3.
+"""One DPOTrainer + LoRA run with AveragedReferenceCallback (BEMA reference), under DeepSpeed ZeRO-3
+(``run`` also serves the FSDP2 twin, tests/fsdp_scripts/dpo_reference_fsdp2.py).
 
 Launched by tests/test_dpo_reference.py as
 ``DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_port P dpo_reference_zero.py --persistence 0,default --output_dir D``:
@@ -18,13 +19,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ds_common import stable_gather, zero_config
+from ds_common import GLOBAL_BATCH, cpu_training_args, gathered
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trl_ema_plugin.demos.tiny import tiny_dpo_dataset, tiny_llama, tiny_tokenizer
 from trl_ema_plugin.integrations.trl.dpo_reference import AveragedReferenceCallback
+from trl_ema_plugin.model_helpers import is_dtensor
 
 #: BEMA with non-default settings: it starts at step 1 and moves at every step; "ref" is written at steps 2 and 4
 REFERENCE: dict[str, Any] = {
@@ -33,13 +35,6 @@ REFERENCE: dict[str, Any] = {
 }  # fmt: skip
 LORA: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0}
 MAX_STEPS = 4
-GLOBAL_BATCH = 4
-
-
-def gathered(params: list[tuple[str, torch.nn.Parameter]]) -> list[torch.Tensor]:
-    """Full tensors through DeepSpeed's own gather (collective), retried until stable (see stable_gather)."""
-    full = stable_gather(params)
-    return [full[n] for n, _ in params]
 
 
 class Recorder(TrainerCallback):
@@ -72,30 +67,19 @@ class Recorder(TrainerCallback):
         self._record(state.global_step)
 
 
-def run(persistence: str, output_dir: str) -> dict[str, Any]:
-    """Train MAX_STEPS steps under ZeRO-3 with ``stage3_param_persistence_threshold`` = ``persistence``."""
+def run(persistence: str, output_dir: str, zero: int | None = 3, **overrides: Any) -> dict[str, Any]:
+    """Train MAX_STEPS steps under ZeRO-3 with ``stage3_param_persistence_threshold`` = ``persistence``
+    (``zero=None`` and ``overrides``: another engine, e.g. ``fsdp=True, fsdp_config=...``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tokenizer = tiny_tokenizer()
     model = tiny_llama(tokenizer, seed=0)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(**LORA))
-    args = DPOConfig(
-        output_dir=output_dir,
-        max_steps=MAX_STEPS,
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        learning_rate=1e-2,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        max_length=64,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        gradient_checkpointing=False,
-        disable_tqdm=True,
-        seed=0,
-        deepspeed=zero_config(3, persistence),
-    )
+    args = cpu_training_args(
+        output_dir, DPOConfig, zero=zero, persistence=persistence, max_steps=MAX_STEPS, learning_rate=1e-2,
+        per_device_train_batch_size=GLOBAL_BATCH // world_size, max_length=64, logging_steps=1,
+        gradient_checkpointing=False, seed=0, **overrides,
+    )  # fmt: skip
     reference = AveragedReferenceCallback(**REFERENCE)
     recorder = Recorder()
     captured = []
@@ -129,6 +113,7 @@ def run(persistence: str, output_dir: str) -> dict[str, Any]:
         "layouts": [type(reference.policy).__name__, type(reference.reference).__name__],
         "ds_partitioned": all(hasattr(p, "ds_tensor") for _, p in recorder.reference),
         "ds_persist": [bool(getattr(p, "ds_persist", False)) for _, p in recorder.reference],
+        "dtensors": all(is_dtensor(p) for _, p in recorder.reference),
         "world_size": world_size,
         "base_identical": len(recorder.base_before) > 0
         and all(torch.equal(a, b) for a, b in zip(recorder.base_before, recorder.base_after, strict=True)),

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from ds_common import stable_gather, zero_config
+from ds_common import stable_gather, twin_args
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import trl_ema_plugin.integrations.trl.callback as callback_module
 from trl_ema_plugin import WeightAveragingCallback, attach
@@ -39,9 +39,7 @@ AVERAGERS: list[dict[str, Any]] = [
     {"method": "bema", "update_every": 1, "update_after": 1, "lag": 2.0, "ema_power": 0.6, "bias_power": 0.3},
     {"method": "ema", "name": "ema", "decay": 0.7, "update_after": 1},
 ]
-GLOBAL_BATCH = 4
 EVAL_BATCH = 2
-LEARNING_RATE = 2e-2
 
 
 def world() -> tuple[int, int]:
@@ -128,7 +126,6 @@ def build_trainer(
     save_steps: int = 3,
     full: bool = False,
 ) -> tuple[SFTTrainer, WeightAveragingCallback, Recorder, Inspector]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torch.distributed starts inside SFTConfig
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = tiny_llama(tokenizer, seed=0)
@@ -136,29 +133,10 @@ def build_trainer(
     if not full:
         lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_steps=max_steps,
-        per_device_train_batch_size=GLOBAL_BATCH // world_size,
-        per_device_eval_batch_size=EVAL_BATCH,
-        train_sampling_strategy="sequential",  # same data order in the 2-rank run and its 1-process twin
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=max_steps,
-        save_strategy="steps",
-        save_steps=save_steps,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        max_length=48,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        deepspeed=zero_config(zero, persistence) if zero is not None else None,
-    )
+    args = twin_args(
+        output_dir, zero, persistence, max_steps=max_steps, per_device_eval_batch_size=EVAL_BATCH,
+        eval_strategy="steps", eval_steps=max_steps, save_strategy="steps", save_steps=save_steps,
+    )  # fmt: skip
     averaging = WeightAveragingCallback(averagers=AVERAGERS)
     recorder = Recorder()
     inspector = Inspector(averaging)

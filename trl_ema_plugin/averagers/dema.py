@@ -2,49 +2,46 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from .base import Averager, copy_all
+from .base import Averager
+from .ops import Tensors, copy_, lerp_, mul_, sub_
 from .registry import register_averager
-from .schedules import ema_step_size
+from .schedules import BEMASchedule, field_names, schedule_for
 
 
 @register_averager("dema")
 class DEMA(Averager):
     r"""θ̂_t = 2·EMA_t − EMA²_t,  EMA_t = lerp(EMA_{t−1}, θ_t, β_t),  EMA²_t = lerp(EMA²_{t−1}, EMA_t, β_t)
 
-    β_t as in BEMA (:func:`.schedules.ema_step_size`). Both EMAs start at θ at
-    ``update_after``. Formula from the BEMA authors' ``src/core_offline.py``
-    (github abblock/bema, class ``DEMA``); names follow TRL's BEMA (their
-    ``ema_gamma`` is our ``multiplier``, ``scaling_lag`` our ``lag``).
+    β_t as in BEMA (:class:`.schedules.BEMASchedule`; α_t and so ``bias_power`` are not used). Both
+    EMAs start at θ at ``update_after``. Formula from the BEMA authors' ``src/core_offline.py``
+    (github abblock/bema, class ``DEMA``); names follow TRL's BEMA (their ``ema_gamma`` is our
+    ``multiplier``, ``scaling_lag`` our ``lag``). An update is two ``lerp`` passes.
 
     Memory: two fp32 copies.
     """
 
     buffer_names = ("ema", "ema_of_ema")
+    hyperparameters = tuple(n for n in field_names(BEMASchedule) if n != "bias_power")
+    flat_math = True
 
-    def __init__(
-        self, ema_power: float = 0.5, lag: float = 10, multiplier: float = 1.0, min_ema_multiplier: float = 0.0
-    ) -> None:
+    def __init__(self, **schedule: float) -> None:
         super().__init__()
-        self.ema_power = ema_power
-        self.lag = lag
-        self.multiplier = multiplier
-        self.min_ema_multiplier = min_ema_multiplier
+        self.schedule: BEMASchedule = schedule_for(type(self), BEMASchedule, schedule)
 
-    def _start(self, theta: list[Tensor], t: int) -> None:
-        copy_all(self.views("ema"), theta)
-        copy_all(self.views("ema_of_ema"), theta)
+    def _start(self, theta: Tensors, t: int) -> None:
+        copy_(self.state("ema", theta), theta)
+        copy_(self.state("ema_of_ema", theta), theta)
 
-    def _update(self, theta: list[Tensor], t: int) -> None:
-        beta = ema_step_size(t, self.lag, self.multiplier, self.ema_power, self.min_ema_multiplier)
-        ema = self.views("ema")
-        torch._foreach_lerp_(ema, theta, beta)
-        torch._foreach_lerp_(self.views("ema_of_ema"), ema, beta)
+    def _update(self, theta: Tensors, t: int) -> None:
+        beta = self.schedule.beta(t)
+        lerp_(self.state("ema", theta), theta, beta)
+        lerp_(self.state("ema_of_ema"), self.state("ema"), beta)  # state only: one flat pass
 
-    def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:
+    def output_reads_theta(self) -> bool:
+        return False
+
+    def average_into(self, out: Tensors, theta: Tensors | None, t: int) -> None:
         # out = 2·EMA − EMA²
-        copy_all(out, self.views("ema"))
-        torch._foreach_mul_(out, 2.0)
-        torch._foreach_sub_(out, self.views("ema_of_ema"))
+        copy_(out, self.state("ema", out))
+        mul_(out, 2.0)
+        sub_(out, self.state("ema_of_ema", out))

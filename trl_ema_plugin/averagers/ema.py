@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from .base import Averager, copy_all
+from .base import Averager
+from .ops import Tensors, copy_, lerp_
 from .registry import register_averager
-from .schedules import warmup_decay
+from .schedules import EMADecay, field_names, schedule_for
 
 
 @register_averager("ema")
@@ -16,33 +14,28 @@ class EMA(Averager):
 
     d_n = ``decay`` by default. With ``use_ema_warmup`` the decay ramps up as in
     diffusers' ``EMAModel``: d_n = min(decay, 1 − (1 + n/inv_gamma)^(−power)),
-    n = number of updates so far. Implemented as ``lerp_(EMA, θ, 1 − d_n)``.
+    n = number of updates so far (:class:`.schedules.EMADecay`). Implemented as
+    ``lerp_(EMA, θ, 1 − d_n)``: one pass over the flat buffer.
 
     Memory: one fp32 copy of the tracked weights.
     """
 
     buffer_names = ("ema",)
+    hyperparameters = field_names(EMADecay)
+    flat_math = True
 
-    def __init__(
-        self, decay: float = 0.999, use_ema_warmup: bool = False, inv_gamma: float = 1.0, power: float = 2 / 3
-    ) -> None:
+    def __init__(self, **decay: float) -> None:
         super().__init__()
-        self.decay = decay
-        self.use_ema_warmup = use_ema_warmup
-        self.inv_gamma = inv_gamma
-        self.power = power
+        self.schedule: EMADecay = schedule_for(type(self), EMADecay, decay)
 
-    def current_decay(self, n: int) -> float:
-        if self.use_ema_warmup:
-            return warmup_decay(n, self.decay, self.inv_gamma, self.power)
-        return self.decay
+    def _start(self, theta: Tensors, t: int) -> None:
+        copy_(self.state("ema", theta), theta)
 
-    def _start(self, theta: list[Tensor], t: int) -> None:
-        copy_all(self.views("ema"), theta)
+    def _update(self, theta: Tensors, t: int) -> None:
+        lerp_(self.state("ema", theta), theta, 1.0 - self.schedule.at(self.num_updates))
 
-    def _update(self, theta: list[Tensor], t: int) -> None:
-        weight = 1.0 - self.current_decay(self.num_updates)
-        torch._foreach_lerp_(self.views("ema"), theta, weight)
+    def output_reads_theta(self) -> bool:
+        return False
 
-    def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:
-        copy_all(out, self.views("ema"))
+    def average_into(self, out: Tensors, theta: Tensors | None, t: int) -> None:
+        copy_(out, self.state("ema", out))

@@ -2,60 +2,54 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from .base import Averager, copy_all
+from .base import Averager
+from .ops import Tensors, add_, copy_, div_, lerp_, mul_into
 from .registry import register_averager
-from .schedules import bias_correction, ema_step_size
+from .schedules import BEMASchedule, field_names, schedule_for
 
 
 @register_averager("ouema")
 class OUEMA(Averager):
     r"""θ̂_t = EMA_t of  z_t = (θ_t − α_t·θ_0) / (1 − α_t)
 
-    EMA_t = lerp(EMA_{t−1}, z_t, β_t); α_t, β_t as in BEMA (:mod:`.schedules`);
+    EMA_t = lerp(EMA_{t−1}, z_t, β_t); α_t, β_t as in BEMA (:class:`.schedules.BEMASchedule`);
     θ_0 = EMA = θ at ``update_after``. Formula from the BEMA authors' ``src/core_offline.py``
     (github abblock/bema, class ``OUEMA``; their ``eta_power`` is our ``bias_power``). Their code
     divides by zero when α_t = 1 (t = 0); here z_t = θ_t whenever 1 − α_t < 1e-6.
 
-    Memory: two fp32 copies (θ_0, EMA) plus one transient copy for z_t during an update.
+    Memory: two fp32 copies (θ_0, EMA) plus one scratch copy that holds z_t during an update.
     """
 
     buffer_names = ("theta0", "ema")
+    scratch_names = ("z",)
+    hyperparameters = field_names(BEMASchedule)
+    flat_math = True
 
-    def __init__(
-        self,
-        ema_power: float = 0.5,
-        bias_power: float = 0.2,
-        lag: float = 10,
-        multiplier: float = 1.0,
-        min_ema_multiplier: float = 0.0,
-    ) -> None:
+    def __init__(self, **schedule: float) -> None:
         super().__init__()
-        self.ema_power = ema_power
-        self.bias_power = bias_power
-        self.lag = lag
-        self.multiplier = multiplier
-        self.min_ema_multiplier = min_ema_multiplier
+        self.schedule: BEMASchedule = schedule_for(type(self), BEMASchedule, schedule)
 
-    def debiased(self, theta: list[Tensor], t: int) -> list[Tensor]:
-        """z_t = (θ_t − α_t θ_0)/(1 − α_t), or θ_t when α_t ≈ 1."""
-        alpha = bias_correction(t, self.lag, self.multiplier, self.bias_power)
+    def debiased(self, theta: Tensors, t: int) -> Tensors:
+        """z_t = (θ_t − α_t θ_0)/(1 − α_t) in the scratch buffer (flat), or θ_t when α_t ≈ 1."""
+        alpha = self.schedule.alpha(t)
         if 1.0 - alpha < 1e-6:
             return theta
-        z = torch._foreach_mul(self.views("theta0"), -alpha)
-        torch._foreach_add_(z, theta)
-        torch._foreach_div_(z, 1.0 - alpha)
+        z = self.state("z")
+        mul_into(z, self.state("theta0"), -alpha)
+        add_(self.split_like(z, theta), theta)
+        div_(z, 1.0 - alpha)
         return z
 
-    def _start(self, theta: list[Tensor], t: int) -> None:
-        copy_all(self.views("theta0"), theta)
-        copy_all(self.views("ema"), theta)
+    def _start(self, theta: Tensors, t: int) -> None:
+        copy_(self.state("theta0", theta), theta)
+        copy_(self.state("ema", theta), theta)
 
-    def _update(self, theta: list[Tensor], t: int) -> None:
-        beta = ema_step_size(t, self.lag, self.multiplier, self.ema_power, self.min_ema_multiplier)
-        torch._foreach_lerp_(self.views("ema"), self.debiased(theta, t), beta)
+    def _update(self, theta: Tensors, t: int) -> None:
+        z = self.debiased(theta, t)
+        lerp_(self.state("ema", z), z, self.schedule.beta(t))
 
-    def average_into(self, out: list[Tensor], theta: list[Tensor], t: int) -> None:
-        copy_all(out, self.views("ema"))
+    def output_reads_theta(self) -> bool:
+        return False
+
+    def average_into(self, out: Tensors, theta: Tensors | None, t: int) -> None:
+        copy_(out, self.state("ema", out))

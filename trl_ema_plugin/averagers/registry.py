@@ -1,5 +1,6 @@
 """Name → averager class. Third parties register more through the entry-point group
-``trl_ema_plugin.averagers`` (value ``module:Class``, a subclass of :class:`Averager`)."""
+``trl_ema_plugin.averagers`` (value ``module:Class``, a subclass of :class:`Averager` that declares its
+``hyperparameters``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def register_averager(name: str) -> Callable[[type[Averager]], type[Averager]]:
     """Class decorator: make ``name`` usable as ``method=name``."""
 
     def decorate(cls: type[Averager]) -> type[Averager]:
+        check_declaration(cls)
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"averager method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.method = name
@@ -27,6 +29,28 @@ def register_averager(name: str) -> Callable[[type[Averager]], type[Averager]]:
         return cls
 
     return decorate
+
+
+def check_declaration(cls: type[Averager]) -> None:
+    """An averager declares the keyword arguments users may set (``hyperparameters``), and takes them.
+
+    The declaration, not the constructor's signature, decides which settings exist, so that a new constructor
+    argument never becomes a setting by accident.
+    """
+    declared = getattr(cls, "hyperparameters", None)
+    if not (isinstance(declared, tuple) and all(isinstance(n, str) and n.isidentifier() for n in declared)):
+        raise ValueError(
+            f"{cls.__qualname__} declares no hyperparameters: add the class attribute "
+            "hyperparameters = (...), the names of the keyword arguments users may set (() for none)"
+        )
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [n for n in declared if n not in params or params[n].kind is params[n].POSITIONAL_ONLY]
+    if missing:
+        raise ValueError(
+            f"{cls.__qualname__} declares hyperparameters its constructor does not take: {', '.join(missing)}"
+        )
 
 
 def _load_entry_points() -> None:
@@ -62,11 +86,10 @@ def averager_class(method: str) -> type[Averager]:
         return _REGISTRY[method]
     except KeyError:
         raise ValueError(
-            f"method={method!r} is not a registered averager; allowed values: {', '.join(registered_methods())}"
+            f"method={method!r}: not a registered averager (allowed: {' | '.join(registered_methods())})"
         ) from None
 
 
-def hyperparameter_names(method: str) -> set[str]:
-    """Keyword arguments that ``method``'s constructor takes (its hyper-parameters)."""
-    params = inspect.signature(averager_class(method).__init__).parameters
-    return {n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD} - {"keep_last_weights"}
+def hyperparameter_names(method: str) -> tuple[str, ...]:
+    """The settings that ``method`` declares (its class attribute ``hyperparameters``)."""
+    return averager_class(method).hyperparameters

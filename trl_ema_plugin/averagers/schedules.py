@@ -15,6 +15,9 @@ parametrization, γ·(1 + max(0, t − ρ))^(−κ); we follow the paper and TRL
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Any
+
 
 def schedule_base(t: int, lag: float, multiplier: float) -> float:
     """ρ + γ·t, clamped at 1."""
@@ -34,3 +37,56 @@ def bias_correction(t: int, lag: float, multiplier: float, bias_power: float) ->
 def warmup_decay(n: int, decay: float, inv_gamma: float, power: float) -> float:
     """Diffusers' EMA warm-up: d_n = min(d, 1 − (1 + n/inv_gamma)^(−power)), n = updates so far."""
     return min(decay, 1.0 - (1.0 + n / inv_gamma) ** (-power))
+
+
+@dataclass(frozen=True)
+class BEMASchedule:
+    """The schedule of BEMA, DEMA and OUEMA: β_t = max((ρ + γ·t)^(−κ), β_min) and α_t = (ρ + γ·t)^(−η).
+
+    Field names and defaults are TRL ``BEMACallback``'s: ``ema_power`` κ, ``bias_power`` η,
+    ``lag`` ρ, ``multiplier`` γ, ``min_ema_multiplier`` β_min.
+    """
+
+    ema_power: float = 0.5
+    bias_power: float = 0.2
+    lag: float = 10
+    multiplier: float = 1.0
+    min_ema_multiplier: float = 0.0
+
+    def beta(self, t: int) -> float:
+        """β_t, the EMA step size at step t."""
+        return ema_step_size(t, self.lag, self.multiplier, self.ema_power, self.min_ema_multiplier)
+
+    def alpha(self, t: int) -> float:
+        """α_t, the bias-correction weight at step t."""
+        return bias_correction(t, self.lag, self.multiplier, self.bias_power)
+
+
+@dataclass(frozen=True)
+class EMADecay:
+    """d_n = ``decay``, or with ``use_ema_warmup`` diffusers' min(decay, 1 − (1 + n/inv_gamma)^(−power))."""
+
+    decay: float = 0.999
+    use_ema_warmup: bool = False
+    inv_gamma: float = 1.0
+    power: float = 2 / 3
+
+    def at(self, n: int) -> float:
+        """d_n after n updates."""
+        return warmup_decay(n, self.decay, self.inv_gamma, self.power) if self.use_ema_warmup else self.decay
+
+
+def field_names(schedule: type) -> tuple[str, ...]:
+    """The hyper-parameter names a schedule dataclass holds."""
+    return tuple(f.name for f in fields(schedule))
+
+
+def schedule_for(averager: type, schedule: type, values: dict[str, Any]) -> Any:
+    """``schedule(**values)``, refusing a value that ``averager`` does not declare in ``hyperparameters``."""
+    unknown = sorted(set(values) - set(averager.hyperparameters))
+    if unknown:
+        raise TypeError(
+            f"{averager.__name__}() got unexpected keyword argument(s) {', '.join(unknown)}; "
+            f"its hyper-parameters are: {', '.join(averager.hyperparameters)}"
+        )
+    return schedule(**values)

@@ -6,44 +6,95 @@
 
 from __future__ import annotations
 
-import inspect
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from ..averagers.registry import averager_class, hyperparameter_names, registered_methods
+from .errors import NO_VALUE, SettingError, SettingsModel, did_you_mean, unknown_key
+from .fields import keywords
 
 #: Defaults of every averager hyper-parameter. BEMA/DEMA/OUEMA take TRL's ``BEMACallback``
 #: defaults (``update_freq=400``), EMA updates every step.
 METHOD_DEFAULT_UPDATE_EVERY = {"ema": 1}
 TRL_DEFAULT_UPDATE_EVERY = 400
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: the fields of an ``AveragerSpec`` that every method takes (the others are hyper-parameters of some)
+FIELDS_OF_EVERY_METHOD = frozenset({"method", "name", "update_every", "update_after", "options"})
+AVERAGER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def resolve_update_freq_alias(data: Any) -> Any:
-    """Map TRL's ``update_freq`` onto ``update_every``; both at once is an error."""
-    if isinstance(data, dict) and "update_freq" in data:
-        data = dict(data)
-        if data.get("update_every") is not None:
-            raise ValueError("pass either update_every or its alias update_freq, not both")
-        data["update_every"] = data.pop("update_freq")
-    return data
+def applicable_fields(method: str) -> set[str]:
+    """The ``AveragerSpec`` fields (and ``options`` names) that ``method`` uses."""
+    return set(hyperparameter_names(method)) | FIELDS_OF_EVERY_METHOD
 
 
-class AveragerSpec(BaseModel):
+def not_applicable(
+    stray: Mapping[str, Any], method: str, allowed: str, names: Mapping[str, Any] | None = None
+) -> SettingError:
+    """``<key>=<value>[, ...]: does not apply to method=<method> (allowed: <allowed>)``: settings a method does not use.
+
+    ``allowed`` says what the method takes instead; it may name fields as ``{placeholder}`` (``names``).
+    """
+    verb = "does" if len(stray) == 1 else "do"
+    return SettingError(
+        f"{verb} not apply to {{method}}={method!r}",
+        settings=dict(sorted(stray.items())),
+        allowed=allowed,
+        names={"method": "method", **(names or {})},
+    )
+
+
+def check_fields_apply(given: Mapping[str, Any], method: str) -> None:
+    """Refuse ``AveragerSpec`` fields (``given``: field → value) that ``method`` does not use, naming the ones it does."""
+    stray = {f: v for f, v in given.items() if f not in applicable_fields(method)}
+    if stray:
+        takes = sorted(n for n in hyperparameter_names(method) if n in AveragerSpec.model_fields)
+        options = sorted(n for n in hyperparameter_names(method) if n not in AveragerSpec.model_fields)
+        allowed = ["{takes}"] if takes else []
+        allowed += [f"{{options}} with {', '.join(options)}"] if options else []
+        raise not_applicable(
+            stray,
+            method,
+            "; ".join(allowed) or "none: it takes no hyper-parameters",
+            {"takes": takes, "options": "options"},
+        )
+
+
+def name_error(field: str, name: Any, pattern: re.Pattern[str], what: str) -> SettingError:
+    """A name that does not match ``pattern`` (``what`` it becomes says why)."""
+    return SettingError(f"not a valid name (it becomes {what})", field=field, value=name, allowed=pattern.pattern)
+
+
+def averager_name(field: str, name: str | None, what: str) -> str | None:
+    """``name`` (unset or a name that can label an averager: a metric infix and a folder), else a SettingError."""
+    if name is not None and not AVERAGER_NAME_PATTERN.match(name):
+        raise name_error(field, name, AVERAGER_NAME_PATTERN, what)
+    return name
+
+
+def unknown_choice(field: str, value: Any, allowed: list[str], what: str) -> SettingError:
+    """``<field>=<value>: not <what>; did you mean <close>? (allowed: a | b | c)``."""
+    close = did_you_mean(value, allowed)
+    hint = f"; did you mean {close!r}?" if close else ""
+    return SettingError(f"not {what}{hint}", field=field, value=value, allowed=" | ".join(allowed))
+
+
+class AveragerSpec(SettingsModel):
     """One running average of the trainable weights.
 
     Cadence: ``start`` at step ``update_after`` (θ_0/EMA snapshot), then an update every
     ``update_every`` optimizer steps (alias ``update_freq``, TRL's name).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
     method: str = Field("ema", description="ema | bema | dema | ouema, or a registered third-party name")
     name: str | None = Field(None, description="label in metrics and folders; defaults to the method")
     update_every: int | None = Field(
-        None, ge=1, description="optimizer steps between updates (alias update_freq); ema: 1, others: 400 (TRL)"
+        None,
+        ge=1,
+        validation_alias=AliasChoices("update_every", "update_freq"),
+        description="optimizer steps between updates (alias update_freq); ema: 1, others: 400 (TRL)",
     )
     update_after: int = Field(0, ge=0, description="step τ at which averaging starts (θ_0 snapshot)")
     # EMA
@@ -61,38 +112,48 @@ class AveragerSpec(BaseModel):
         default_factory=dict, description="extra keyword arguments of a third-party averager"
     )
 
+    @classmethod
+    def allowed_choices(cls, field: str) -> list[str] | None:
+        return registered_methods() if field == "method" else None
+
     @model_validator(mode="before")
     @classmethod
     def _update_freq_alias(cls, data: Any) -> Any:
-        return resolve_update_freq_alias(data)
+        """TRL's ``update_freq`` is an alias of ``update_every``; both at once is an error."""
+        if isinstance(data, dict) and "update_freq" in data and "update_every" in data:
+            if data["update_every"] is not None:
+                raise SettingError(
+                    "pass either {update_every} or its alias {update_freq}, not both",
+                    settings={"update_every": data["update_every"], "update_freq": data["update_freq"]},
+                    allowed="one of them",
+                    names={"update_every": "update_every", "update_freq": "update_freq"},
+                )
+            data = {k: v for k, v in data.items() if k != "update_every"}
+        return data
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        averager_class(method)  # raises with the allowed values
+        if method not in registered_methods():
+            raise unknown_choice("method", method, registered_methods(), "a registered averager")
         return method
 
     @field_validator("name")
     @classmethod
     def _clean_name(cls, name: str | None) -> str | None:
-        if name is not None and not _NAME_PATTERN.match(name):
-            raise ValueError(
-                f"name={name!r} must match {_NAME_PATTERN.pattern} (it becomes a metric infix and a folder)"
-            )
-        return name
+        return averager_name("name", name, "a metric infix and a folder")
 
     @model_validator(mode="after")
     def _fields_apply_to_method(self) -> AveragerSpec:
-        applies = hyperparameter_names(self.method) | {"method", "name", "update_every", "update_after", "options"}
-        stray = sorted(f for f in self.model_fields_set - applies if f in type(self).model_fields)
-        if stray:
-            raise ValueError(
-                f"{', '.join(stray)} do(es) not apply to method={self.method!r}; "
-                f"its hyper-parameters are: {', '.join(sorted(hyperparameter_names(self.method)))}"
-            )
+        check_fields_apply({f: getattr(self, f) for f in self.model_fields_set}, self.method)
         warmup_shape = sorted({"inv_gamma", "power"} & self.model_fields_set)
         if warmup_shape and not self.use_ema_warmup:
-            raise ValueError(f"{', '.join(warmup_shape)} shape(s) the EMA warm-up: set use_ema_warmup=True too")
+            raise SettingError(
+                f"shape{'s' if len(warmup_shape) == 1 else ''} the EMA warm-up, which is off",
+                settings={f: getattr(self, f) for f in warmup_shape},
+                allowed="with {use_ema_warmup}=True only",
+                names={"use_ema_warmup": "use_ema_warmup"},
+            )
         return self
 
     @model_validator(mode="after")
@@ -100,13 +161,24 @@ class AveragerSpec(BaseModel):
         """``options`` carries a third-party averager's own arguments, never a field of this model."""
         fields = sorted(set(self.options) & set(type(self).model_fields))
         if fields:
-            raise ValueError(f"options sets {', '.join(fields)}: set them as keys of their own, where they are checked")
-        accepted = hyperparameter_names(self.method) - set(type(self).model_fields)
-        unknown = sorted(set(self.options) - accepted)
+            raise SettingError(
+                f"sets {', '.join(fields)}: set them as keys of their own, where they are checked",
+                field="options",
+                value=self.options,
+                allowed="arguments of a third-party averager that are not settings here",
+            )
+        accepted = sorted(set(hyperparameter_names(self.method)) - set(type(self).model_fields))
+        unknown = sorted(set(self.options) - set(accepted))
         if unknown:
-            raise ValueError(
-                f"options {', '.join(unknown)} are not arguments of method={self.method!r}; "
-                f"it takes: {', '.join(sorted(accepted)) or 'no extra options'}"
+            close = [c for c in (did_you_mean(u, accepted) for u in unknown) if c]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise SettingError(
+                f"{', '.join(unknown)} {'is not an argument' if len(unknown) == 1 else 'are not arguments'} "
+                f"of {{method}}={self.method!r}{hint}",
+                field="options",
+                value=self.options,
+                allowed=", ".join(accepted) or f"none: {self.method} takes no options",
+                names={"method": "method"},
             )
         return self
 
@@ -122,6 +194,7 @@ class AveragerSpec(BaseModel):
         return METHOD_DEFAULT_UPDATE_EVERY.get(self.method, TRL_DEFAULT_UPDATE_EVERY)
 
     def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments of the averager: its declared hyper-parameters, then ``options``."""
         names = hyperparameter_names(self.method)
         values = {n: getattr(self, n) for n in names if n in type(self).model_fields}
         return {**values, **self.options}
@@ -135,7 +208,7 @@ class AveragerSpec(BaseModel):
         """
         cls = averager_class(self.method)
         kwargs = self.hyperparameters()
-        if "keep_last_weights" in inspect.signature(cls.__init__).parameters:
+        if cls.output_reads_last_update:
             kwargs["keep_last_weights"] = self.cadence > 1 or live_weights_may_move
         return cls(**kwargs)
 
@@ -146,12 +219,12 @@ class AveragerSpec(BaseModel):
         return step > self.update_after and (step - self.update_after) % self.cadence == 0
 
 
-class WeightAveragingConfig(BaseModel):
+class WeightAveragingConfig(SettingsModel):
     """Every averager of a run and how the integrations use them."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    averagers: list[AveragerSpec] = Field(min_length=1, description="the first is the primary averager")
+    averagers: list[AveragerSpec] = Field(
+        min_length=1, strict=False, description="the first is the primary averager"
+    )  # not strict: a tuple of specs is a list too; each spec is strict
     eval: bool = Field(True, description="also evaluate each averager: eval_<name>_loss beside eval_loss")
     offload: bool = Field(False, description="keep the shadow in CPU memory instead of the training device")
     save_checkpoints: bool = Field(True, description="write averager state + adapter into every checkpoint")
@@ -163,7 +236,14 @@ class WeightAveragingConfig(BaseModel):
         labels = [s.label for s in specs]
         duplicated = sorted({x for x in labels if labels.count(x) > 1})
         if duplicated:
-            raise ValueError(f"averager names must be unique; repeated: {', '.join(duplicated)} (set name=...)")
+            entries = ", ".join(f"[{i}]" for i, label in enumerate(labels) if label in duplicated)
+            raise SettingError(
+                f"averager names must be unique; repeated: {', '.join(duplicated)} (entries {entries}; "
+                "an unnamed averager is named after its method)",
+                field="averagers",
+                value=NO_VALUE,
+                allowed="a distinct name in each entry",
+            )
         return specs
 
     @classmethod
@@ -175,16 +255,21 @@ class WeightAveragingConfig(BaseModel):
         ``device`` (TRL ``BEMACallback``'s argument) is accepted: ``"cpu"`` means ``offload=True``,
         any other device keeps the shadow on the training device.
         """
+        spec_keywords = [kw.name for kw in keywords(AveragerSpec) if kw.name != "method"]
+        accepted = ["method", "averagers", *spec_keywords, *(f for f in cls.model_fields if f != "averagers"), "device"]
+        unknown = [k for k in kwargs if k not in accepted]
+        if unknown:
+            raise ValueError("; ".join(unknown_key(k, kwargs[k], accepted) for k in unknown))
         if "device" in kwargs:
-            if "offload" in kwargs:
-                raise ValueError("pass either offload or TRL's device argument, not both")
-            kwargs["offload"] = str(kwargs.pop("device")) == "cpu"
+            kwargs["offload"] = _offload_of_device(kwargs.pop("device"), kwargs.pop("offload", NO_VALUE))
         top = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.model_fields}
         if averagers is not None:
-            if method is not None or kwargs:
-                raise ValueError(
-                    "pass either averagers=[...] or method=... with its hyper-parameters, not both "
-                    f"(got method={method!r}, {sorted(kwargs)})"
+            given = {"method": method, **kwargs} if method is not None else kwargs
+            if given:
+                raise SettingError(
+                    "pass either averagers=[...] or method=... with its hyper-parameters, not both",
+                    settings=given,
+                    allowed=f"these keys inside each entry of averagers; beside it: {', '.join(top_fields(cls))}",
                 )
             return cls(averagers=averagers, **top)
         spec = AveragerSpec(method=method or "ema", **kwargs)
@@ -195,5 +280,25 @@ class WeightAveragingConfig(BaseModel):
         return self.averagers[0]
 
 
-def allowed_methods_text() -> str:
-    return " | ".join(registered_methods())
+def top_fields(config: type[WeightAveragingConfig]) -> list[str]:
+    """The fields of the config beside its list of averagers."""
+    return [f for f in config.model_fields if f != "averagers"]
+
+
+def _offload_of_device(device: Any, offload: Any) -> bool:
+    """TRL ``BEMACallback``'s ``device``: ``"cpu"`` keeps the average in CPU memory (``offload=True``)."""
+    if offload is not NO_VALUE:
+        raise SettingError(
+            "pass either offload or TRL's device, not both",
+            settings={"device": device, "offload": offload},
+            allowed="one of them",
+        )
+    text = str(device) if type(device).__name__ == "device" else device  # a torch.device
+    if not isinstance(text, str) or not text:
+        raise SettingError(
+            "not a device",
+            field="device",
+            value=device,
+            allowed="'cpu' (offload), or the training device ('cuda', ...)",
+        )
+    return text == "cpu"

@@ -1,13 +1,11 @@
 """Validated settings of the moving DPO reference: the ``"ref"`` adapter as an average of the policy adapter.
 
-Every field is flat (no nesting), so that Axolotl exposes each one as ``dpo_reference_<field>``.
-
 Two update rules:
 
 * an averager of the policy adapter (``method`` = ``bema``, ``ema``, ``dema``, ``ouema`` or a
-  registered third-party name) with its hyper-parameters (names as in
-  :class:`~trl_ema_plugin.config.AveragerSpec`), written into ``"ref"`` every ``ref_update_every``
-  optimizer steps;
+  registered third-party name), an :class:`~trl_ema_plugin.config.AveragerSpec` whose fields are
+  written flat (``DPOReferenceConfig(method="bema", lag=2)``, YAML ``dpo_reference_lag``), written
+  into ``"ref"`` every ``ref_update_every`` optimizer steps;
 * ``method="tr_dpo"``: TR-DPO (Gorbatovski et al., arXiv 2404.09656) with TRL ``DPOConfig``'s names.
   Every τ = ``ref_model_sync_steps`` steps, ref ← α·θ + (1 − α)·ref with α = ``ref_model_mixup_alpha``.
   That is an EMA with decay 1 − α updated every τ steps; α = 1 is the hard update ref ← θ.
@@ -15,34 +13,26 @@ Two update rules:
 
 from __future__ import annotations
 
-from typing import Any
+from functools import cache
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, SerializationInfo, field_validator, model_serializer, model_validator
 
-from ..averagers.registry import averager_class, registered_methods
-from .averaging import AveragerSpec, resolve_update_freq_alias
+from ..averagers.registry import hyperparameter_names, registered_methods
+from .averaging import AveragerSpec, check_fields_apply, not_applicable, unknown_choice
+from .errors import NO_VALUE, SettingError, SettingsModel
+from .fields import keywords
 
 TR_DPO = "tr_dpo"
 #: TRL ``DPOConfig`` defaults of the TR-DPO fields
 TRL_REF_MODEL_SYNC_STEPS = 512
 TRL_REF_MODEL_MIXUP_ALPHA = 0.6
-
-#: fields forwarded to :class:`AveragerSpec` (``None`` = that averager's default)
-AVERAGER_FIELDS = (
-    "update_every",
-    "update_after",
-    "decay",
-    "use_ema_warmup",
-    "inv_gamma",
-    "power",
-    "ema_power",
-    "bias_power",
-    "lag",
-    "multiplier",
-    "min_ema_multiplier",
-    "options",
-)
 TR_DPO_FIELDS = ("ref_model_sync_steps", "ref_model_mixup_alpha")
+#: ``name`` of the averager (in its saved state)
+REFERENCE_NAME = "reference"
+#: the nested averager's fields that this model sets itself
+_SET_HERE = ("method", "name")
+_AVERAGER_FIELDS = frozenset(AveragerSpec.model_fields)
 
 
 def reference_methods() -> list[str]:
@@ -50,14 +40,32 @@ def reference_methods() -> list[str]:
     return [*registered_methods(), TR_DPO]
 
 
-class DPOReferenceConfig(BaseModel):
+@cache
+def _averager_keywords() -> dict[str, str]:
+    """Keyword → field of the averager settings written flat (``lag``, ``update_freq`` → ``update_every``, ...)."""
+    return {kw.name: kw.field for kw in keywords(AveragerSpec) if kw.field not in _SET_HERE}
+
+
+def _tr_dpo_takes_no(stray: dict[str, Any]) -> SettingError:
+    """Settings (keyword → value) that TR-DPO does not use."""
+    return not_applicable(
+        stray,
+        TR_DPO,
+        "{tau} (τ), {alpha} (α), {offload}; or {method}='ema' with {decay}=1−α",
+        {"tau": "ref_model_sync_steps", "alpha": "ref_model_mixup_alpha", "offload": "offload", "decay": "decay"},
+    )
+
+
+class DPOReferenceConfig(SettingsModel):
     """How the DPO reference adapter ``"ref"`` follows the policy adapter ``"default"``.
 
-    Hyper-parameters left at ``None`` take the averager's own default (see ``AveragerSpec``);
-    setting one that the chosen ``method`` does not use is an error.
+    The averager's settings are keywords of this model (``lag=2``, ``update_freq=4``), gathered into
+    :attr:`averager`; left unset, they take the averager's own defaults. Setting one that the chosen
+    ``method`` does not use is an error. ``model_dump`` writes them flat too, so a dump loads back.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    #: ``averager`` is written flat; its ``method`` and ``name`` are set here
+    flattened_fields: ClassVar[dict[str, tuple[str, ...]]] = {"averager": _SET_HERE}
 
     method: str = Field(
         "bema",
@@ -70,23 +78,9 @@ class DPOReferenceConfig(BaseModel):
         description="optimizer steps between writes of the average into the 'ref' adapter; "
         "default: the averager's update_every. Not used by tr_dpo (its cadence is ref_model_sync_steps)",
     )
-    # --- averager hyper-parameters (AveragerSpec's names; None = the method's default)
-    update_every: int | None = Field(
-        None, ge=1, description="optimizer steps between averager updates (alias update_freq); ema: 1, others: 400"
+    averager: AveragerSpec | None = Field(
+        None, description="the averager whose output becomes the reference (None for tr_dpo); its fields are keywords"
     )
-    update_after: int | None = Field(
-        None, ge=0, description="step at which averaging starts (default 0); the reference stays put before it"
-    )
-    decay: float | None = Field(None, gt=0.0, lt=1.0, description="ema: decay d in (0, 1) (default 0.999)")
-    use_ema_warmup: bool | None = Field(None, description="ema: ramp the decay up as diffusers' EMAModel (default off)")
-    inv_gamma: float | None = Field(None, gt=0.0, description="ema warm-up: 1 − (1 + n/inv_gamma)^−power (default 1)")
-    power: float | None = Field(None, gt=0.0, description="ema warm-up power (default 2/3)")
-    ema_power: float | None = Field(None, ge=0.0, description="bema: κ in β_t = (ρ + γt)^−κ (default 0.5)")
-    bias_power: float | None = Field(None, ge=0.0, description="bema: η in α_t = (ρ + γt)^−η (default 0.2)")
-    lag: float | None = Field(None, ge=0.0, description="bema: ρ, the schedule's virtual starting age (default 10)")
-    multiplier: float | None = Field(None, gt=0.0, description="bema: γ, steps → schedule time (default 1)")
-    min_ema_multiplier: float | None = Field(None, ge=0.0, le=1.0, description="bema: floor β_min of β_t (default 0)")
-    options: dict[str, Any] | None = Field(None, description="extra keyword arguments of a third-party averager")
     # --- TR-DPO (TRL DPOConfig's names)
     ref_model_sync_steps: int | None = Field(
         None,
@@ -102,45 +96,114 @@ class DPOReferenceConfig(BaseModel):
     # --- placement
     offload: bool = Field(False, description="keep the averager state in CPU memory instead of the training device")
 
+    @classmethod
+    def allowed_choices(cls, field: str) -> list[str] | None:
+        return reference_methods() if field == "method" else None
+
     @model_validator(mode="before")
     @classmethod
-    def _update_freq_alias(cls, data: Any) -> Any:
-        return resolve_update_freq_alias(data)
+    def _gather_averager_settings(cls, data: Any) -> Any:
+        """``lag=2, decay=None, ...`` → ``averager={"method": method, "name": "reference", "lag": 2}``.
+
+        ``None`` means unset (a dump of this model, and of its older flat version, holds every field).
+        """
+        if not isinstance(data, dict):
+            return data
+        averager_keywords = _averager_keywords()
+        flat = {k: v for k, v in data.items() if k in averager_keywords and v is not None}
+        data = {k: v for k, v in data.items() if k not in averager_keywords}
+        method = data.get("method", cls.model_fields["method"].default)
+        if method == TR_DPO:
+            if flat:
+                raise _tr_dpo_takes_no(flat)
+            return data
+        if data.get("averager") is not None:
+            if flat:
+                raise SettingError(
+                    "pass either averager=AveragerSpec(...) or its fields ({fields}), not both",
+                    settings=flat,
+                    allowed="one of them",
+                    names={"fields": sorted(flat)},
+                )
+            return data
+        if method in registered_methods():  # else the method's own check names it, and these have nowhere to go
+            data["averager"] = {**flat, "method": method, "name": REFERENCE_NAME}
+        return data
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        if method == TR_DPO:
-            return method
-        try:
-            averager_class(method)
-        except ValueError:
-            raise ValueError(
-                f"method={method!r} is not a reference update rule; allowed values: {' | '.join(reference_methods())}"
-            ) from None
+        if method not in reference_methods():
+            raise unknown_choice("method", method, reference_methods(), "a reference update rule")
         return method
 
     @model_validator(mode="after")
     def _fields_apply_to_method(self) -> DPOReferenceConfig:
-        given = {f for f in self.model_fields_set if getattr(self, f) is not None}
+        given = {f: getattr(self, f) for f in self.model_fields_set if getattr(self, f) is not None}
         if self.method == TR_DPO:
-            stray = sorted(given & {*AVERAGER_FIELDS, "ref_update_every"})
+            stray = {f: v for f, v in given.items() if f == "ref_update_every"}
+            if self.averager is not None:  # name what it sets, where it sets anything
+                own = self.averager.model_dump(exclude_unset=True, exclude=set(_SET_HERE))
+                stray.update(own or {"averager": NO_VALUE})
             if stray:
-                raise ValueError(
-                    f"{', '.join(stray)} do(es) not apply to method='tr_dpo'; it takes ref_model_sync_steps "
-                    "(τ) and ref_model_mixup_alpha (α) only (or pick method=ema with decay=1−α)"
-                )
+                raise _tr_dpo_takes_no(stray)
             if self.offload and self.hard_update:
-                raise ValueError(
-                    "offload does not apply to the TR-DPO hard update (ref_model_mixup_alpha=1.0): it keeps no "
-                    "averager state to offload"
+                raise SettingError(
+                    "the TR-DPO hard update keeps no averager state to offload",
+                    settings={"offload": self.offload, "ref_model_mixup_alpha": self.ref_model_mixup_alpha},
+                    allowed="{offload}=False, or {alpha} < 1",
+                    names={"offload": "offload", "alpha": "ref_model_mixup_alpha"},
                 )
-        else:
-            stray = sorted(given & set(TR_DPO_FIELDS))
-            if stray:
-                raise ValueError(f"{', '.join(stray)} apply only to method='tr_dpo', not to method={self.method!r}")
-            self.averager_spec()  # AveragerSpec's own checks (fields that do not apply to the method, ...)
+            return self
+        stray = {f: v for f, v in sorted(given.items()) if f in TR_DPO_FIELDS}
+        if stray:
+            takes = ["ref_update_every", *sorted(n for n in hyperparameter_names(self.method) if n in _AVERAGER_FIELDS)]
+            raise SettingError(
+                f"{'applies' if len(stray) == 1 else 'apply'} only to {{method}}='tr_dpo', "
+                f"not to {{method}}={self.method!r}",
+                settings=stray,
+                allowed="{takes}",
+                names={"method": "method", "takes": takes},
+            )
+        if self.averager is None or self.averager.method != self.method:  # ``method`` assigned after construction
+            own = {} if self.averager is None else self.averager.model_dump(exclude_unset=True, exclude=set(_SET_HERE))
+            check_fields_apply(own, self.method)
+            self.__dict__["averager"] = AveragerSpec(**own, method=self.method, name=REFERENCE_NAME)
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump_flat(self, handler: Any, info: SerializationInfo) -> dict[str, Any]:
+        """The averager's settings flat, as written (unset ones ``None``), in place of ``averager``."""
+        data = handler(self)
+        if "averager" not in data:
+            return data
+        spec = {} if self.averager is None else self.averager.model_dump(mode=info.mode, exclude_unset=True)
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key != "averager":
+                out[key] = value
+                continue
+            for name in (f for f in AveragerSpec.model_fields if f not in _SET_HERE):
+                if name in spec or not (info.exclude_unset or info.exclude_none):
+                    out[name] = spec.get(name)
+        return out
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``config.lag = 2`` sets the averager's setting (checked there); TR-DPO has no averager to set."""
+        field = _averager_keywords().get(name)
+        if field is None:
+            super().__setattr__(name, value)
+        elif self.averager is None:
+            raise _tr_dpo_takes_no({name: value})
+        else:
+            setattr(self.averager, field, value)
+
+    def __getattr__(self, name: str) -> Any:
+        """``config.lag``: an averager setting as given, ``None`` when unset (the fields this model had flat)."""
+        if name in AveragerSpec.model_fields and name not in _SET_HERE:
+            spec = self.__dict__.get("averager")
+            return getattr(spec, name) if spec is not None and name in spec.model_fields_set else None
+        return super().__getattr__(name)  # type: ignore[misc]
 
     # ------------------------------------------------------------------------
     @property
@@ -159,19 +222,18 @@ class DPOReferenceConfig(BaseModel):
 
     def averager_spec(self) -> AveragerSpec | None:
         """The averager whose output becomes the reference; None for the TR-DPO hard update."""
-        if self.is_tr_dpo:
-            if self.hard_update:
-                return None
-            # ref ← α·θ + (1 − α)·ref every τ steps = EMA with decay 1 − α, updated every τ steps from θ_0 = ref_0
-            return AveragerSpec(
-                method="ema",
-                name="reference",
-                decay=1.0 - self.mixup_alpha,
-                update_every=self.sync_every,
-                update_after=0,
-            )
-        values = {f: getattr(self, f) for f in AVERAGER_FIELDS if getattr(self, f) is not None}
-        return AveragerSpec(method=self.method, name="reference", **values)
+        if not self.is_tr_dpo:
+            return self.averager
+        if self.hard_update:
+            return None
+        # ref ← α·θ + (1 − α)·ref every τ steps = EMA with decay 1 − α, updated every τ steps from θ_0 = ref_0
+        return AveragerSpec(
+            method="ema",
+            name=REFERENCE_NAME,
+            decay=1.0 - self.mixup_alpha,
+            update_every=self.sync_every,
+            update_after=0,
+        )
 
     @property
     def sync_every(self) -> int:

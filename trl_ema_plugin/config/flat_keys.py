@@ -19,54 +19,67 @@ Errors name the YAML key and its allowed values. Nothing here imports Axolotl.
 from __future__ import annotations
 
 import difflib
-import re
-import types
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Optional, Union
 
-import annotated_types
 from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
-from ..averagers.registry import hyperparameter_names, registered_methods
-from .averaging import AveragerSpec, WeightAveragingConfig
+from ..averagers.registry import registered_methods
+from .averaging import AveragerSpec, WeightAveragingConfig, top_fields
 from .distillation import SelfDistillationConfig
 from .dpo_reference import DPOReferenceConfig, reference_methods
+from .errors import SettingError, did_you_mean, explain, raw_errors, unknown_key
+from .fields import Keyword, Loc, accepted_names, is_model, keywords, spelled, strip_none
 
 
 # --------------------------------------------------------------------------------- keys
 @dataclass(frozen=True)
 class FlatKey:
-    """One YAML key and the field of the Python config it stands for."""
+    """One YAML key and the keyword of the Python config it stands for."""
 
     yaml: str
-    python: str  # field name
-    model: type[BaseModel]
-    argument: str  # keyword the model accepts for it: the field, or an alias (update_freq)
+    keyword: Keyword
+    owner: type[BaseModel]  # the model whose keyword it is (an outer model for a field written flat)
     alias_of: str | None = None  # YAML key this one is an alias of
 
     @property
+    def python(self) -> str:
+        """The field it sets."""
+        return self.keyword.field
+
+    @property
+    def model(self) -> type[BaseModel]:
+        """The model that declares the field."""
+        return self.keyword.model
+
+    @property
+    def argument(self) -> str:
+        """The keyword the owner accepts for it: the field, or an alias (``update_freq``)."""
+        return self.keyword.name
+
+    @property
     def info(self) -> FieldInfo:
-        return self.model.model_fields[self.python]
+        return self.keyword.info
 
     @property
     def python_spelling(self) -> str:
         alias = f" (alias {self.argument})" if self.alias_of else ""
-        return f"{self.model.__name__}.{self.python}{alias}"
+        return f"{self.owner.__name__}.{self.python}{alias}"
 
 
 @dataclass
 class FlatFamily:
-    """The flat keys of one feature: a switch ``<prefix>`` plus ``<prefix>_<field>`` per field.
+    """The flat keys of one feature: a switch ``<prefix>`` plus ``<prefix>_<keyword>`` per keyword.
 
-    * ``models``: read in order (their field names must not collide);
+    * ``models``: read in order (their keywords must not collide); every keyword of each (aliases and the
+      fields of a nested model written flat included, see :func:`~.fields.keywords`) gets a key;
     * ``switch_field``: the field a string switch value sets (``weight_averaging: bema`` sets
-      ``method``); ``switch_values`` its allowed strings; ``true`` means "on, defaults";
-    * ``exclude``: ``(model, field)`` pairs with no key (the switch stands for them);
-    * ``aliases``: alias keyword → field (``update_freq`` → ``update_every``), each its own key.
+      ``method``; it has no key of its own); ``switch_values`` its allowed strings, ``switch_noun`` what they are
+      (for messages); ``true`` means "on, defaults".
     """
 
     prefix: str
@@ -74,36 +87,55 @@ class FlatFamily:
     description: str
     switch_field: str | None = None
     switch_values: Callable[[], list[str]] = list
-    exclude: frozenset[tuple[type[BaseModel], str]] = frozenset()
-    aliases: Mapping[str, str] = field(default_factory=dict)
+    switch_noun: str = "true or false"
 
     def __post_init__(self) -> None:
         keys: dict[str, FlatKey] = {}
         for model in self.models:
-            for name in model.model_fields:
-                if (model, name) in self.exclude:
+            for keyword in keywords(model):
+                if keyword.field == self.switch_field:
                     continue
-                yaml = self.key(name)
+                yaml = self.key(keyword.name)
+                alias_of = self.key(keyword.field) if keyword.is_alias else None
+                if yaml == alias_of:
+                    continue  # the alias ``lambda`` of ``lambda_`` is the field's own key
                 if yaml in keys:
                     raise TypeError(
-                        f"{yaml} would stand for both {keys[yaml].python_spelling} and {model.__name__}.{name}"
+                        f"{yaml} would stand for both {keys[yaml].python_spelling} and {model.__name__}.{keyword.name}"
                     )
-                keys[yaml] = FlatKey(yaml, name, model, argument=name)
-                for alias in (a for a, canonical in self.aliases.items() if canonical == name):
-                    keys[self.key(alias)] = FlatKey(self.key(alias), name, model, argument=alias, alias_of=yaml)
+                keys[yaml] = FlatKey(yaml, keyword, model, alias_of)
         self.keys = keys
+        self._yaml = {k.argument: k.yaml for k in keys.values()}
+        if self.switch_field:
+            self._yaml[self.switch_field] = self.prefix
+
+    @property
+    def root(self) -> type[BaseModel]:
+        """The model the keys are validated by (the last of ``models``; the others are nested in it)."""
+        return self.models[-1]
 
     def key(self, python_name: str) -> str:
         """``lambda_`` → ``self_distillation_lambda``: the trailing underscore of a keyword-named field goes."""
         return f"{self.prefix}_{python_name.rstrip('_')}"
 
+    def spell(self, loc: Loc, entry: Loc = ()) -> str:
+        """An error location of :attr:`root` as the YAML key (``("averager", "lag")`` → ``dpo_reference_lag``).
+
+        ``entry``: a list entry that the keys fill directly (``("averagers", 0)`` for one averager).
+        """
+        if entry and loc[: len(entry)] == entry:
+            loc = loc[len(entry) :]
+        text = spelled(self.root, loc, lambda keyword: self._yaml.get(keyword) or self.key(keyword))
+        return text or self.prefix
+
     @property
     def all_keys(self) -> list[str]:
         return [self.prefix, *self.keys]
 
-    def switch_allowed(self) -> str:
-        values = self.switch_values()
-        return " | ".join([*values, "true", "false"]) if values else "true | false"
+    def switch_allowed(self, off: bool = True) -> str:
+        """The values of the switch (``off``: with ``false``)."""
+        values = [*self.switch_values(), "true", *(["false"] if off else [])]
+        return " | ".join(values)
 
     def pick(self, cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
         """The family's keys that ``cfg`` sets (``None`` counts as unset, as in Axolotl)."""
@@ -132,145 +164,79 @@ class FlatFamily:
         return definitions
 
 
-def _strip_none(annotation: Any) -> Any:
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else Union[tuple(args)]  # noqa: UP007
-    return annotation
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
 def _loosened(info: FieldInfo) -> Any:
     """The field's type with its constraints; a nested model becomes a mapping (validated on conversion)."""
-    annotation = _strip_none(info.annotation)
-    if typing.get_origin(annotation) is list and _is_model(typing.get_args(annotation)[0]):
+    annotation = strip_none(info.annotation)
+    if typing.get_origin(annotation) is list and is_model(typing.get_args(annotation)[0]):
         annotation = list[dict[str, Any]]
-    elif _is_model(annotation):
+    elif is_model(annotation):
         annotation = dict[str, Any]
     if info.metadata:
         annotation = Annotated[(annotation, *info.metadata)]
     return annotation
 
 
-# ------------------------------------------------------------------ allowed values text
-_BOUNDS = (
-    (annotated_types.Gt, "gt", ">"),
-    (annotated_types.Ge, "ge", "≥"),
-    (annotated_types.Lt, "lt", "<"),
-    (annotated_types.Le, "le", "≤"),
-)
-
-
-def allowed_values(model: type[BaseModel], name: str) -> str:
-    """Human-readable allowed values of ``model.name``, from its type and constraints."""
-    if model is AveragerSpec and name == "method":
-        return " | ".join(registered_methods())
-    info = model.model_fields[name]
-    annotation = _strip_none(info.annotation)
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        text = "true | false"
-    elif origin is typing.Literal:
-        text = " | ".join(str(v) for v in typing.get_args(annotation))
-    elif annotation in (int, float, str):
-        text = {int: "integer", float: "number", str: "string"}[annotation]
-    elif origin is dict or annotation is dict:
-        text = "mapping"
-    elif origin is list and _is_model(typing.get_args(annotation)[0]):
-        text = f"list of {typing.get_args(annotation)[0].__name__} mappings"
-    else:
-        text = getattr(annotation, "__name__", str(annotation))
-    bounds = [f"{sign} {getattr(m, attr)}" for m in info.metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
-    if any(isinstance(m, annotated_types.MinLen) and m.min_length == 1 for m in info.metadata):
-        text = f"non-empty {text}"
-    if bounds:
-        text = f"{text} {' and '.join(bounds)}"
-    if info.annotation is not annotation:  # Optional
-        text = f"{text}, or unset"
-    return text
-
-
 # ------------------------------------------------------------------------ error messages
-def _value_error(key: str, message: str) -> ValueError:
-    return ValueError(f"{key}: {message}")
+def _flat_error(exc: ValidationError, family: FlatFamily, entry: Loc = ()) -> ValueError:
+    """A pydantic error of the Python config, each line naming the YAML key the user wrote (see ``errors.explain``).
 
-
-def unknown_keys_error(unknown: list[str], family: FlatFamily) -> ValueError:
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, family.all_keys, n=1)
-        hints.append(key + (f" (did you mean {close[0]}?)" if close else ""))
-    return ValueError(f"unknown key(s) {', '.join(hints)}; the {family.prefix} keys are: {', '.join(family.all_keys)}")
-
-
-def _yaml_names(message: str, family: FlatFamily) -> str:
-    """Spell the model's field names as YAML keys in a model-level message (``lag`` → ``weight_averaging_lag``).
-
-    Names with an underscore are replaced wherever they stand alone; plain words before ``=``, as
-    the message's first word (``beta applies only to ...``) or as an item of a comma list. The
-    switch's field is the switch key (``method='bema'`` → ``dpo_reference='bema'``).
+    ``entry``: the list entry that the flat keys fill (``("averagers", 0)`` for one averager); inside a list the
+    user wrote as YAML, the entry's own names are the keys (``weight_averaging_averagers[1].decay``).
     """
-    fields = {k.argument: k.yaml for k in family.keys.values()}
-    if family.switch_field:
-        fields[family.switch_field] = family.prefix
-
-    def replace(match: re.Match[str]) -> str:
-        word, start, end = match.group(1), match.start(), match.end()
-        before, after = message[max(start - 2, 0) : start], message[end : end + 1]
-        in_list = before in (", ", ": ") and after in (",", ";", "")
-        unambiguous = "_" in word or after == "=" or start == 0 or in_list
-        return fields[word] if word in fields and unambiguous else word
-
-    return re.sub(r"(?<![\w.'\"])([A-Za-z_][A-Za-z0-9_]*)(?![\w'\"])", replace, message)
-
-
-def _flat_error(
-    exc: ValidationError, family: FlatFamily, list_field: str | None = None, nested: bool = False
-) -> ValueError:
-    """Re-raise a pydantic error of the Python config with the YAML keys the user wrote.
-
-    ``list_field``: a list field (``averagers``) that the flat keys fill with one item (``nested``
-    False) or that the user wrote as a YAML list (``nested`` True: ``weight_averaging_averagers[0].decay``).
-    """
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        key, model, name = _locate(loc, family, list_field, nested)
-        if not nested:  # inside a YAML list entry the Python names are the keys
-            message = _yaml_names(message, family)
-        shown = err.get("type") != "missing" and not isinstance(err.get("input"), (dict, list))
-        allowed = allowed_values(model, name) if model is not None and name is not None else None
-        value = f"={err['input']!r}" if shown and name else ""
-        lines.append(f"{key}{value}: {message}" + (f" (allowed: {allowed})" if allowed else ""))
+    lines = explain(exc, family.models[-1], lambda loc: family.spell(loc, entry))
     return ValueError("; ".join(lines))
 
 
-def _locate(loc: tuple[Any, ...], family: FlatFamily, list_field: str | None, nested: bool) -> tuple[str, Any, Any]:
-    """(YAML key, model, field) of a pydantic error location."""
-    parts = list(loc)
-    if list_field is not None and parts[:1] == [list_field] and not nested:
-        parts = parts[2:]  # averagers.0.decay -> decay (the flat single-averager form)
-    if not parts:
-        return family.prefix, None, None
-    head = str(parts[0])
-    flat = family.keys.get(family.key(head))
-    if len(parts) == 1:
-        return family.key(head), (flat.model if flat else None), (flat.python if flat else None)
-    text = family.key(head) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts[1:])
-    last = parts[-1]
-    inner = next((m for m in _nested_models(flat) if isinstance(last, str) and last in m.model_fields), None)
-    return text, inner, (last if inner else None)
+def _switch_error(family: FlatFamily, switch: Any) -> SettingError:
+    close = did_you_mean(switch, family.switch_values())
+    hint = f"; did you mean {close!r}?" if close else ""
+    return SettingError(
+        f"not {family.switch_noun}{hint}", field=family.prefix, value=switch, allowed=family.switch_allowed()
+    )
 
 
-def _nested_models(flat: FlatKey | None) -> list[type[BaseModel]]:
-    if flat is None:
-        return []
-    annotation = _strip_none(flat.info.annotation)
-    return [a for a in (annotation, *typing.get_args(annotation)) if _is_model(a)]
+# ----------------------------------------------------------------------- unknown keys
+#: how close an unknown key must be to one of ours (difflib ratio) to be taken for a misspelling of it
+NEAR_KEY = 0.8
+NEAR_PREFIX = 0.85
+
+
+def our_keys() -> list[str]:
+    """Every flat key of every feature (switches included)."""
+    return [key for family, _ in FAMILIES.values() for key in family.all_keys]
+
+
+def _looks_like_ours(key: str) -> bool:
+    """``key`` starts with one of our prefixes, or with something close to one, or is close to one of our keys."""
+    folded = key.lower().replace("-", "_")
+    for family, _ in FAMILIES.values():
+        prefix = family.prefix
+        if folded == prefix or folded.startswith(f"{prefix}_"):
+            return True
+        heads = {folded[: len(prefix) + d] for d in (-1, 0, 1)}
+        if any(difflib.SequenceMatcher(None, head, prefix).ratio() >= NEAR_PREFIX for head in heads):
+            return True
+    return bool(difflib.get_close_matches(folded, our_keys(), n=1, cutoff=NEAR_KEY))
+
+
+def unknown_keys(cfg: Mapping[str, Any], known: Collection[str] = ()) -> list[str]:
+    """Keys of ``cfg`` that look like ours (a prefix, or close to one of our keys) but are none of ours.
+
+    ``known``: keys that another part of the config takes (Axolotl's own fields); they are never reported.
+    """
+    ours = set(our_keys())
+    return [k for k in cfg if isinstance(k, str) and k not in ours and k not in known and _looks_like_ours(k)]
+
+
+def unknown_keys_error(unknown: list[str], cfg: Mapping[str, Any]) -> ValueError:
+    """``<key>=<value>: unknown key (did you mean <our key>?)`` per key (the family's keys where none is close)."""
+    lines = []
+    for key in unknown:
+        suggestion = did_you_mean(key, our_keys(), cutoff=0.5)
+        family = next((f for f, _ in FAMILIES.values() if key.startswith(f.prefix)), None)
+        candidates = family.all_keys if family is not None else our_keys()
+        lines.append(unknown_key(key, cfg[key], candidates, suggestion))
+    return ValueError("; ".join(lines))
 
 
 # ----------------------------------------------------------------------- conversion
@@ -279,14 +245,15 @@ def _switched_values(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> tuple[
     if isinstance(cfg, Mapping):
         unknown = family.unknown(cfg.keys())
         if unknown:
-            raise unknown_keys_error(unknown, family)
+            raise unknown_keys_error(unknown, cfg)
     values = family.pick(cfg)
     switch = values.pop(family.prefix, None)
     if switch is None:
         if values:
-            raise _value_error(
-                ", ".join(sorted(values)),
-                f"set without {family.prefix}; add `{family.prefix}: ...` (allowed: {family.switch_allowed()})",
+            raise SettingError(
+                f"set without {family.prefix}, which turns the feature on",
+                settings=dict(sorted(values.items())),
+                allowed=f"with {family.prefix}: {family.switch_allowed(off=False)}",
             )
         return None
     if switch is False:
@@ -295,16 +262,20 @@ def _switched_values(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> tuple[
             warnings.warn(message, UserWarning, stacklevel=3)
         return None
     if switch is not True and (not isinstance(switch, str) or switch not in family.switch_values()):
-        raise _value_error(family.prefix, f"{switch!r} is not allowed (allowed: {family.switch_allowed()})")
+        raise _switch_error(family, switch)
     for yaml in values:
         alias_of = family.keys[yaml].alias_of
         if alias_of is not None and alias_of in values:
-            raise _value_error(f"{alias_of}, {yaml}", f"set one of them ({yaml} is an alias of {alias_of}), not both")
+            raise SettingError(
+                f"set one of them, not both ({yaml} is an alias of {alias_of})",
+                settings={alias_of: values[alias_of], yaml: values[yaml]},
+                allowed=f"{alias_of} or {yaml}",
+            )
     return switch, values
 
 
 def config_from_flat(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> BaseModel | None:
-    """The config object of a one-model family (``family.models[0]``), or None when the feature is off."""
+    """The config object of a one-model family (``family.root``), or None when the feature is off."""
     switched = _switched_values(family, cfg)
     if switched is None:
         return None
@@ -312,20 +283,21 @@ def config_from_flat(family: FlatFamily, cfg: Mapping[str, Any] | Any) -> BaseMo
     kwargs = {family.keys[y].argument: v for y, v in values.items()}
     if isinstance(switch, str) and family.switch_field:
         kwargs[family.switch_field] = switch
-    try:
-        return family.models[0](**kwargs)
-    except ValidationError as exc:
-        raise _flat_error(exc, family) from None
+    return _validated(family, kwargs)
 
 
 def flat_from_config(family: FlatFamily, config: BaseModel) -> dict[str, Any]:
-    """Inverse of :func:`config_from_flat`: the switch plus every field that was set."""
+    """Inverse of :func:`config_from_flat`: the switch plus every keyword of ``config`` that was set."""
     out: dict[str, Any] = {family.prefix: True}
-    for name in sorted(config.model_fields_set):
-        if name == family.switch_field:
-            out[family.prefix] = getattr(config, name)
-        else:
-            out[family.key(name)] = getattr(config, name)
+    if family.switch_field in config.model_fields_set:
+        out[family.prefix] = getattr(config, family.switch_field)
+    for yaml, key in family.keys.items():
+        if key.owner is type(config) and not key.alias_of:
+            holder = config
+            for name in key.keyword.path[:-1]:  # a field written flat: read it in its nested model
+                holder = getattr(holder, name)
+            if holder is not None and key.python in holder.model_fields_set:
+                out[yaml] = getattr(holder, key.python)
     return out
 
 
@@ -339,10 +311,10 @@ WEIGHT_AVERAGING = FlatFamily(
     ),
     switch_field="method",
     switch_values=registered_methods,
-    exclude=frozenset({(AveragerSpec, "method")}),
-    aliases={"update_freq": "update_every"},
+    switch_noun="a registered averager, true or false",
 )
-_COMMON_SPEC_FIELDS = {"name", "update_every", "update_after", "options"}
+#: the list entry that ``weight_averaging: <method>`` and its keys fill
+_ONE_AVERAGER = ("averagers", 0)
 
 
 def weight_averaging_config_from_flat(cfg: Mapping[str, Any] | Any) -> WeightAveragingConfig | None:
@@ -358,37 +330,40 @@ def weight_averaging_config_from_flat(cfg: Mapping[str, Any] | Any) -> WeightAve
     switch, values = switched
     top = {k.python: values.pop(y) for y, k in family.keys.items() if k.model is WeightAveragingConfig and y in values}
     spec = {family.keys[y].argument: v for y, v in values.items()}
+    beside_list = ", ".join(family.key(f) for f in top_fields(WeightAveragingConfig))
     if switch is True:
         if "averagers" not in top:
-            raise _value_error(
-                family.prefix,
-                f"true needs {family.key('averagers')} (a list of averager specs); for one averager write "
-                f"`{family.prefix}: <method>` (allowed: {' | '.join(registered_methods())})",
+            raise SettingError(
+                f"needs {family.key('averagers')} (a list of averagers); for one averager write "
+                f"`{family.prefix}: <method>`",
+                field=family.prefix,
+                value=True,
+                allowed=f"{family.prefix}: {' | '.join(registered_methods())}, or true with {family.key('averagers')}",
             )
         if spec:
-            keys = ", ".join(sorted(values))
-            raise _value_error(keys, f"with {family.key('averagers')}, set hyper-parameters inside each list entry")
-        try:
-            return WeightAveragingConfig(**top)
-        except ValidationError as exc:
-            raise _flat_error(exc, family, list_field="averagers", nested=True) from None
+            raise SettingError(
+                f"with {family.key('averagers')}, set hyper-parameters inside each list entry",
+                settings=dict(sorted(values.items())),
+                allowed=f"beside {family.key('averagers')}: {beside_list}",
+            )
+        return _validated(family, top)
     if "averagers" in top:
-        raise _value_error(
-            family.key("averagers"),
+        raise SettingError(
             f"needs `{family.prefix}: true`; the method goes in each entry (got {family.prefix}: {switch})",
+            field=family.key("averagers"),
+            value=top["averagers"],
+            allowed=f"{family.prefix}: true with {family.key('averagers')}, or {family.prefix}: <method> without it",
         )
-    own = hyperparameter_names(switch)
-    stray = sorted(y for y, v in values.items() if family.keys[y].python not in own | _COMMON_SPEC_FIELDS)
-    if stray:
-        names = sorted(family.key(k) for k in own if k in AveragerSpec.model_fields)
-        raise _value_error(
-            ", ".join(stray),
-            f"does not apply to {family.prefix}: {switch}; its hyper-parameters are {', '.join(names) or 'none'}",
-        )
+    return _validated(family, {"averagers": [{"method": switch, **spec}], **top}, entry=_ONE_AVERAGER)
+
+
+def _validated(family: FlatFamily, data: dict[str, Any], entry: Loc = ()) -> Any:
+    """``family.root`` from ``data``; an error names the YAML keys (``entry``: the list entry the keys fill)."""
     try:
-        return WeightAveragingConfig(averagers=[{"method": switch, **spec}], **top)
+        with raw_errors():
+            return family.root.model_validate(data)
     except ValidationError as exc:
-        raise _flat_error(exc, family, list_field="averagers") from None
+        raise _flat_error(exc, family, entry) from None
 
 
 def flat_from_weight_averaging_config(config: WeightAveragingConfig) -> dict[str, Any]:
@@ -410,7 +385,6 @@ SELF_DISTILLATION = FlatFamily(
     prefix="self_distillation",
     models=(SelfDistillationConfig,),
     description="true: add λ·τ²·D(student ‖ averaged teacher) to the loss (needs weight_averaging); false or unset: off",
-    aliases={"weight": "lambda_"},
 )
 
 
@@ -427,15 +401,20 @@ def self_distillation_config_from_flat(cfg: Mapping[str, Any] | Any) -> SelfDist
         warnings.simplefilter("ignore")
         averaging = weight_averaging_config_from_flat(cfg)
     if averaging is None:
-        raise _value_error(
-            SELF_DISTILLATION.prefix,
-            f"true needs {WEIGHT_AVERAGING.prefix}: <method> (the teacher is an averager; allowed: "
-            f"{' | '.join(registered_methods())})",
+        raise SettingError(
+            f"needs {WEIGHT_AVERAGING.prefix} (the teacher is an averager)",
+            field=SELF_DISTILLATION.prefix,
+            value=True,
+            allowed=f"beside {WEIGHT_AVERAGING.prefix}: {' | '.join(registered_methods())} | true",
         )
     names = [spec.label for spec in averaging.averagers]
     if config.teacher is not None and config.teacher not in names:
-        raise _value_error(
-            SELF_DISTILLATION.key("teacher"), f"{config.teacher!r} names no averager (allowed: {' | '.join(names)})"
+        close = did_you_mean(config.teacher, names)
+        raise SettingError(
+            "names no averager" + (f"; did you mean {close!r}?" if close else ""),
+            field=SELF_DISTILLATION.key("teacher"),
+            value=config.teacher,
+            allowed=" | ".join(names),
         )
     return config
 
@@ -450,8 +429,7 @@ DPO_REFERENCE = FlatFamily(
     ),
     switch_field="method",
     switch_values=reference_methods,
-    exclude=frozenset({(DPOReferenceConfig, "method")}),
-    aliases={"update_freq": "update_every"},
+    switch_noun="a reference update rule, true or false",
 )
 
 
@@ -469,35 +447,56 @@ FAMILIES: dict[str, tuple[FlatFamily, Callable[[Any], Any]]] = {
 }
 
 
-def check_flat_keys(cfg: Mapping[str, Any]) -> None:
-    """Validate every feature's flat keys in ``cfg``, unknown ones included; ValueError names the key."""
-    for family, convert in FAMILIES.values():
-        unknown = family.unknown(cfg.keys())
-        if unknown:
-            raise unknown_keys_error(unknown, family)
+def check_flat_keys(cfg: Mapping[str, Any], known: Collection[str] = ()) -> None:
+    """Validate every feature's flat keys in ``cfg``; ValueError names the key.
+
+    Keys that look like ours but are none of ours (``weight_averagin_decay``, ``dpo_refrence``) are errors with a
+    did-you-mean, unless ``known`` holds them (the keys another part of the config takes).
+    """
+    unknown = unknown_keys(cfg, known)
+    if unknown:
+        raise unknown_keys_error(unknown, cfg)
+    for _, convert in FAMILIES.values():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             convert(cfg)
 
 
-class FlatKeysValidation(BaseModel):
-    """Base of the generated args model: checks the flat keys before field validation.
+def known_keys(model: type[BaseModel]) -> set[str]:
+    """The keys ``model`` takes: its fields and their aliases."""
+    known = set()
+    for name, info in model.model_fields.items():
+        known.update(accepted_names(name, info))
+        if isinstance(info.alias, str):
+            known.add(info.alias)
+    return known
 
-    Axolotl mixes the generated model into its own config model, so this validator sees the
-    whole YAML; its name is prefixed so that it cannot shadow one of Axolotl's validators.
+
+def flat_args_model(
+    name: str = "TrlEmaPluginArgs",
+    module: str | None = None,
+    checks: tuple[Callable[[Mapping[str, Any]], None], ...] = (),
+    doc: str | None = None,
+) -> type[BaseModel]:
+    """A pydantic model with every flat key of every feature (all optional: ``None`` = unset).
+
+    Before field validation it runs :func:`check_flat_keys` and then ``checks`` on the whole mapping. Axolotl
+    mixes the model into its own config model, so they see the whole YAML before Axolotl drops the keys it
+    does not know, and ``cls`` is the merged model: a key that looks like ours but is one of Axolotl's fields
+    passes. The validator's name is prefixed so that it cannot shadow one of Axolotl's validators.
     """
 
-    @model_validator(mode="before")
-    @classmethod
-    def _trl_ema_plugin_check_flat_keys(cls, data: Any) -> Any:
+    def _trl_ema_plugin_check_keys(cls: type[BaseModel], data: Any) -> Any:
         if isinstance(data, Mapping):
-            check_flat_keys(data)
+            check_flat_keys(data, known=known_keys(cls))
+            for check in checks:
+                check(data)
         return data
 
-
-def flat_args_model(name: str = "TrlEmaPluginArgs", module: str | None = None) -> type[BaseModel]:
-    """A pydantic model with every flat key of every feature (all optional: ``None`` = unset)."""
     definitions: dict[str, Any] = {}
     for family, _ in FAMILIES.values():
         definitions.update(family.field_definitions())
-    return create_model(name, __base__=FlatKeysValidation, __module__=module or __name__, **definitions)
+    validators = {"_trl_ema_plugin_check_keys": model_validator(mode="before")(classmethod(_trl_ema_plugin_check_keys))}
+    model = create_model(name, __module__=module or __name__, __validators__=validators, **definitions)
+    model.__doc__ = doc or model.__doc__
+    return model

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..averagers.registry import hyperparameter_names, registered_methods
-from .averaging import AveragerSpec
-from .flat_keys import FAMILIES, FlatFamily, FlatKey, allowed_values
+from ..averagers.registry import registered_methods
+from .averaging import FIELDS_OF_EVERY_METHOD, AveragerSpec, applicable_fields
+from .fields import allowed_values
+from .flat_keys import FAMILIES, FlatFamily, FlatKey
 
 COLUMNS = ("YAML (Axolotl)", "Python (TRL)", "default", "allowed values", "methods", "description")
-_ANY_METHOD = {"name", "update_every", "update_after", "options"}
 
 
 def table_rows() -> list[tuple[str, ...]]:
@@ -52,9 +52,9 @@ def _key_row(key: FlatKey) -> tuple[str, ...]:
 def _methods_using(key: FlatKey) -> str:
     if key.model is not AveragerSpec:
         return ""
-    if key.python in _ANY_METHOD:
+    if key.python in FIELDS_OF_EVERY_METHOD:
         return "all"
-    return ", ".join(m for m in registered_methods() if key.python in hyperparameter_names(m))
+    return ", ".join(m for m in registered_methods() if key.python in applicable_fields(m))
 
 
 def _default_text(value: Any) -> str:

@@ -1,5 +1,6 @@
 """Self-distillation from an averaged (EMA/BEMA) teacher: the divergences, as pure functions."""
 
+from .chunked import CHUNK_ELEMENTS, ChunkedTerm, chunk_tokens, chunked_distillation_sum
 from .divergences import (
     TeacherTargets,
     distillation_loss,
@@ -16,7 +17,11 @@ from .divergences import (
 )
 
 __all__ = [
+    "CHUNK_ELEMENTS",
+    "ChunkedTerm",
     "TeacherTargets",
+    "chunk_tokens",
+    "chunked_distillation_sum",
     "distillation_loss",
     "forward_kl",
     "generalized_jsd",

@@ -1,8 +1,10 @@
-"""Pick the shadow layout for the current process setup (single process, replicated, ZeRO-3).
+"""Pick the shadow layout for the current process setup (single process, replicated, ZeRO-3, FSDP2).
 
 The choice comes from the trainer's own configuration, with no user flag:
 
 * parameters partitioned by DeepSpeed (``p.ds_tensor``; ZeRO stage 3) → ``Zero3Layout``;
+* parameters sharded by PyTorch FSDP2 (``fully_shard``: DTensors) → ``Fsdp2Layout``;
+* FSDP1 (``FullyShardedDataParallel``) → an error that points to FSDP2;
 * several processes with replicated parameters (ZeRO-0/1/2, DDP) → ``SlicedLayout``;
 * one process → :class:`~trl_ema_plugin.shadow.LocalLayout`.
 """
@@ -13,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from ..distributed import world_size
+from ..model_helpers import is_peft_model
 from ..shadow import LocalLayout, ShadowLayout
 
 
@@ -49,26 +53,44 @@ def zero_stage(args: Any) -> int | None:
     return None
 
 
-def _uses_fsdp(args: Any) -> bool:
-    fsdp = getattr(args, "fsdp", None)
-    return bool(fsdp) and fsdp not in ("", [], "no")
+def sharded_by(args: Any, model: nn.Module | None) -> str | None:
+    """The engine that shards the parameters of ``model``: ``"ZeRO-3"``, ``"FSDP2"``, or None (replicated, one process).
+
+    A parameter added after sharding (an extra adapter) is not sharded with the others.
+    """
+    from .fsdp import uses_fsdp2
+
+    if zero_stage(args) == 3:
+        return "ZeRO-3"
+    return "FSDP2" if uses_fsdp2([], model) else None
 
 
-def build_layout(named_params: list[tuple[str, nn.Parameter]], args: Any) -> ShadowLayout:
-    """LocalLayout in one process; the sharded layouts under torch.distributed / DeepSpeed."""
-    import torch.distributed as dist
+def engine_restores_model(args: Any, model: nn.Module | None) -> bool:
+    """Whether the trainer resumes ``model`` from its engine's own files (DeepSpeed, FSDP2), which never load our
+    checkpoint sub-folders as adapters (transformers does so for plain PEFT checkpoints)."""
+    return zero_stage(args) is not None or sharded_by(args, model) == "FSDP2"
 
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+def build_layout(
+    named_params: list[tuple[str, nn.Parameter]], args: Any, model: nn.Module | None = None
+) -> ShadowLayout:
+    """LocalLayout in one process; the sharded layouts under torch.distributed / DeepSpeed / FSDP2.
+
+    ``model``: the module ``named_params`` were read from. FSDP2 reshards its modules after each write,
+    so that the next forward sees the written shards; FSDP1 is recognised by its wrappers, so pass the
+    model before unwrapping where the trainer wraps it in FSDP1.
+    """
+    from .fsdp import Fsdp2Layout, check_not_fsdp1, uses_fsdp2
+
+    distributed = world_size() > 1
     stage = zero_stage(args)
     if stage == 3 or any(hasattr(p, "ds_tensor") for _, p in named_params):
         from .deepspeed import Zero3Layout
 
         return Zero3Layout(named_params)
-    if distributed and _uses_fsdp(args):
-        raise ValueError(
-            "weight averaging does not support FSDP (args.fsdp is set): its parameters are flat shards; "
-            "use DeepSpeed ZeRO (stages 1, 2 or 3) or DDP for multi-GPU runs"
-        )
+    if uses_fsdp2(named_params, model):
+        return Fsdp2Layout(named_params, model)
+    check_not_fsdp1(named_params, model, args)
     if distributed:
         from .deepspeed import SlicedLayout
 
@@ -76,14 +98,14 @@ def build_layout(named_params: list[tuple[str, nn.Parameter]], args: Any) -> Sha
     return LocalLayout(named_params)
 
 
-def is_writer(state: Any) -> bool:
-    """Whether this process writes shared files: global rank 0 when a process group exists.
+def pack_adapter_weights(layout: ShadowLayout, model: nn.Module, args: Any) -> bool:
+    """Lay a PEFT adapter's trainable parameters out in one flat buffer (:meth:`LocalLayout.make_contiguous`), so
+    that every update reads θ as one tensor. Returns whether they are laid out so.
 
-    ``state.is_world_process_zero`` is the trainer's view; the process group is checked first so
-    that two processes can never both write (and race on the same folder).
+    Only in one process without DeepSpeed (whose ZeRO optimizer points ``p.data`` into its own flat buffers) and
+    only for PEFT adapters, many small tensors: ``PeftModel.save_pretrained`` clones tensors that share a storage,
+    while transformers' ``save_pretrained`` of a full model checks shared storages against its tied-weight keys.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return bool(state.is_world_process_zero)
+    if not isinstance(layout, LocalLayout) or zero_stage(args) is not None or not is_peft_model(model):
+        return False
+    return layout.make_contiguous()

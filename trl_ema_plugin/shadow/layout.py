@@ -36,9 +36,19 @@ class ShadowLayout(ABC):
     def local_tensors(self) -> list[Tensor]:
         """Live 1-D views of this rank's part of each tensor (no copy; may be empty)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def write_local(self, values: list[Tensor]) -> None:
-        """Set this rank's part of the live weights; the next forward on every rank must see it."""
+        """Set this rank's part of the live weights; the next forward on every rank sees it.
+
+        ``values`` are shaped like :meth:`local_tensors`, of any dtype and device (the fp32 shadow,
+        offloaded or not): each is cast to its live tensor's dtype and device first.
+        """
+        live = self.local_tensors()
+        self._write_live([v.to(dtype=x.dtype, device=x.device) for v, x in zip(values, live, strict=True)])
+
+    @abstractmethod
+    def _write_live(self, values: list[Tensor]) -> None:
+        """:meth:`write_local` with ``values`` already in the live tensors' dtype and device."""
 
     @abstractmethod
     def gather(self, local: list[Tensor]) -> list[Tensor]:
@@ -50,6 +60,11 @@ class ShadowLayout(ABC):
 
     def local_sizes(self) -> list[int]:
         return [t.numel() for t in self.local_tensors()]
+
+    def storage_key(self) -> tuple[int, ...]:
+        """Data pointers of the live storages: unchanged as long as :meth:`local_tensors` views stay valid
+        (readers cache those views and remake them when this changes, e.g. after ``param.data = ...``)."""
+        return tuple(p.data_ptr() for p in self.params)
 
     @property
     def device(self) -> torch.device:
@@ -66,6 +81,41 @@ class ShadowLayout(ABC):
 class LocalLayout(ShadowLayout):
     """Every tensor in full on this process."""
 
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
+        super().__init__(named_params)
+        self._flat: Tensor | None = None
+        self._flat_key: tuple[int, ...] | None = None
+
+    @property
+    def flat(self) -> Tensor | None:
+        """The live weights as one flat tensor when they are consecutive views of one storage, in order
+        (after :meth:`make_contiguous`); None otherwise."""
+        key = self.storage_key()
+        if key != self._flat_key:
+            self._flat, self._flat_key = consecutive_storage(self.params), key
+        return self._flat
+
+    @torch.no_grad()
+    def make_contiguous(self) -> bool:
+        """Re-point the parameters at consecutive views of one flat buffer (``param.data = view``, values kept),
+        so that θ is read as one tensor. Only when they share one device and one dtype; returns whether they
+        are laid out so now. The parameter objects stay the same (optimizer state, hooks and names follow);
+        whatever later replaces a parameter's ``data`` only makes readers fall back to the per-tensor path."""
+        if self.flat is not None:
+            return True
+        if len({p.device for p in self.params}) != 1 or len({p.dtype for p in self.params}) != 1:
+            return False
+        if any(hasattr(p, "ds_tensor") or not p.is_contiguous() for p in self.params):
+            return False
+        buffer = torch.empty(sum(p.numel() for p in self.params), dtype=self.dtype, device=self.device)
+        offset = 0
+        for p in self.params:
+            view = buffer[offset : offset + p.numel()].view(p.shape)
+            view.copy_(p.detach())
+            p.data = view
+            offset += p.numel()
+        return self.flat is not None
+
     @property
     def shapes(self) -> list[torch.Size]:
         return [p.shape for p in self.params]
@@ -75,6 +125,10 @@ class LocalLayout(ShadowLayout):
 
     @torch.no_grad()
     def write_local(self, values: list[Tensor]) -> None:
+        """One foreach copy; ``copy_`` casts to the live dtype and device exactly as ``Tensor.to`` does."""
+        torch._foreach_copy_(self.local_tensors(), values)
+
+    def _write_live(self, values: list[Tensor]) -> None:
         torch._foreach_copy_(self.local_tensors(), values)
 
     def gather(self, local: list[Tensor]) -> list[Tensor]:
@@ -82,3 +136,25 @@ class LocalLayout(ShadowLayout):
 
     def local_part(self, full: list[Tensor]) -> list[Tensor]:
         return [t.reshape(-1) for t in full]
+
+
+def consecutive_storage(params: list[nn.Parameter]) -> Tensor | None:
+    """One flat tensor over ``params`` when they are contiguous, consecutive views of one storage (same dtype and
+    device), in order; else None."""
+    if not params:
+        return None
+    first = params[0]
+    storage = first.untyped_storage()
+    start = offset = first.storage_offset()
+    for p in params:
+        if (
+            p.dtype != first.dtype
+            or p.device != first.device
+            or not p.is_contiguous()
+            or p.untyped_storage().data_ptr() != storage.data_ptr()
+            or p.storage_offset() != offset
+        ):
+            return None
+        offset += p.numel()
+    with torch.no_grad():
+        return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, start, (offset - start,))

@@ -1,9 +1,17 @@
-"""The shadow store: one averager's fp32 state for the tracked weights, on device or offloaded."""
+"""The shadow store: one averager's fp32 state for the tracked weights, on device or offloaded.
+
+An update costs per byte: θ_t reaches the averager's math in place (fp32 live weights on the shadow
+device) or through one conversion into a persistent flat fp32 staging buffer
+(:class:`~trl_ema_plugin.shadow.live.LiveWeights`), read once per step for every averager that is due
+(:func:`step_together`), and each op of the formula is one kernel over the flat buffers. The update runs
+inline, on a side CUDA stream or in a background worker (:mod:`~trl_ema_plugin.shadow.runner`); every
+method that reads the averages waits for it first.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -12,6 +20,8 @@ from torch import Tensor
 from ..averagers import Averager
 from ..config import AveragerSpec
 from .layout import ShadowLayout
+from .live import LiveWeights
+from .runner import UpdateRunner, build_runner
 
 
 class AveragedWeights:
@@ -22,6 +32,8 @@ class AveragedWeights:
     ``device`` (the training device, or CPU when offloaded), one buffer per averager buffer,
     each sized like this rank's part of the weights. ``live_weights_may_move``: the live weights
     may stop being θ of the last step (``load_best_model_at_end``), see :meth:`AveragerSpec.build`.
+    ``runner``: where updates run (default: inline); averages of the same live weights share one
+    (:func:`step_together` then reads θ once for all of them).
     """
 
     def __init__(
@@ -30,46 +42,75 @@ class AveragedWeights:
         layout: ShadowLayout,
         device: torch.device | str | None = None,
         live_weights_may_move: bool = False,
+        runner: UpdateRunner | None = None,
     ) -> None:
         self.spec = spec
         self.layout = layout
         self.device = torch.device(device) if device is not None else layout.device
         self.averager: Averager = spec.build(live_weights_may_move)
         self.averager.allocate(layout.local_sizes(), self.device)
+        self.runner = runner if runner is not None else build_runner("inline", layout, self.device)
+        #: θ_t for outputs (BEMA's θ, the average before the start), read on the caller's stream
+        self.live = self.runner.reader if self.runner.schedule != "worker" else LiveWeights(layout, self.device)
+        # the cadence as submitted (the averager's own counters follow when the update has run)
+        self._started = False
+        self._last_step: int | None = None
 
     @property
     def name(self) -> str:
         return self.spec.label
 
     # ------------------------------------------------------------- cadence
-    def theta(self) -> list[Tensor]:
-        """This rank's live weights θ_t as fp32 tensors on the shadow device (a copy only if needed)."""
-        live = self.layout.local_tensors()
-        return [t.to(device=self.device, dtype=torch.float32) for t in live]
+    @property
+    def started(self) -> bool:
+        """Whether averaging has started (as submitted: the start itself may still be running)."""
+        return self._started
 
-    @torch.no_grad()
+    @property
+    def version(self) -> tuple[bool, int | None]:
+        """Changes whenever an update or start is submitted (or state is loaded)."""
+        return self._started, self._last_step
+
+    def due(self, t: int) -> str | None:
+        """``"start"``, ``"update"`` or None: what ``step(t)`` does."""
+        if not self._started:
+            return "start" if t >= self.spec.update_after else None
+        if self.spec.is_update_step(t) and t != self._last_step:
+            return "update"
+        return None
+
     def step(self, t: int) -> bool:
         """Fold in θ_t if ``t`` is a start or update step. Returns whether anything changed."""
-        if not self.averager.started:
-            if t < self.spec.update_after:
-                return False
-            self.averager.start(self.theta(), t)
-            return True
-        if self.spec.is_update_step(t) and t != self.averager.last_update_step:
-            self.averager.update(self.theta(), t)
-            return True
-        return False
+        return step_together([self], t)
+
+    def wait(self) -> None:
+        """Block until every submitted update is visible to what the caller does next."""
+        self.runner.wait()
+
+    def theta(self) -> list[Tensor]:
+        """This rank's live weights θ_t as fp32 tensors on the shadow device (a copy only if needed)."""
+        return self.live.tensors()
 
     # -------------------------------------------------------------- output
     @torch.no_grad()
     def average_local(self, t: int) -> list[Tensor]:
-        """This rank's part of the averaged weights (fp32; θ_t itself before averaging starts)."""
-        if not self.averager.started:
-            return [x.to(device=self.device, dtype=torch.float32, copy=True) for x in self.layout.local_tensors()]
-        theta = self.theta()
-        out = [torch.empty_like(x) for x in theta]
-        self.averager.average_into(out, theta, t)
-        return out
+        """This rank's part of the averaged weights (fp32; θ_t itself before averaging starts).
+
+        Per-tensor views of one new flat tensor."""
+        self.wait()
+        averager = self.averager
+        out = torch.empty(averager.total, dtype=torch.float32, device=self.device)
+        if not averager.started:
+            self.live.copy_into(out)
+        elif not averager.flat_math:
+            averager.average_into(list(out.split(averager.sizes)), self.live.tensors(), t)
+        elif not averager.output_reads_theta():
+            averager.average_into(out, None, t)
+        else:
+            for lo, hi, theta in self.live.parts():
+                with averager.window(lo, hi):
+                    averager.average_into(out[lo:hi], theta, t)
+        return list(out.split(averager.sizes))
 
     @torch.no_grad()
     def averaged_tensors(self, t: int) -> dict[str, Tensor]:
@@ -81,12 +122,9 @@ class AveragedWeights:
     def swapped_in(self, t: int) -> Iterator[None]:
         """Run the model with the averaged weights; restore the raw weights bit for bit afterwards."""
         with torch.no_grad():
+            averaged = self.average_local(t)  # waits for the update, which may still read the live weights
             backup = [x.clone() for x in self.layout.local_tensors()]
-            averaged = self.average_local(t)
-            self.layout.write_local(
-                [a.to(dtype=b.dtype, device=b.device) for a, b in zip(averaged, backup, strict=True)]
-            )
-            del averaged
+            self.layout.write_local(averaged)
         try:
             yield
         finally:
@@ -95,12 +133,14 @@ class AveragedWeights:
 
     # --------------------------------------------------------------- state
     def memory_bytes(self) -> int:
-        """Bytes of fp32 state this rank holds."""
-        return sum(b.numel() * b.element_size() for b in self.averager.buffers.values())
+        """Bytes of fp32 state (and scratch) this rank holds for this averager."""
+        buffers = [*self.averager.buffers.values(), *self.averager.scratch.values()]
+        return sum(b.numel() * b.element_size() for b in buffers)
 
     @torch.no_grad()
     def state_tensors(self) -> dict[str, Tensor]:
         """Full buffers, keyed ``"<buffer>/<parameter name>"`` (collective)."""
+        self.wait()
         tensors: dict[str, Tensor] = {}
         for buffer in self.averager.buffers:
             full = self.layout.gather(self.averager.views(buffer))
@@ -109,6 +149,7 @@ class AveragedWeights:
         return tensors
 
     def state_metadata(self) -> dict[str, Any]:
+        self.wait()
         return {
             "name": self.name,
             "spec": self.spec.model_dump(mode="json", exclude_unset=True),
@@ -121,6 +162,7 @@ class AveragedWeights:
     @torch.no_grad()
     def load_state(self, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> None:
         """Restore buffers and counters saved by :meth:`state_tensors` (any world size)."""
+        self.wait()
         saved_spec = AveragerSpec(**metadata["spec"])
         if saved_spec.method != self.spec.method:
             raise ValueError(
@@ -152,6 +194,47 @@ class AveragedWeights:
             local = self.layout.local_part([tensors[k] for k in keys])
             torch._foreach_copy_(self.averager.views(buffer), [x.to(self.device) for x in local])
         self.averager.load_counters(metadata["counters"])
+        self._started, self._last_step = self.averager.started, self.averager.last_update_step
+
+
+@torch.no_grad()
+def step_together(weights: Sequence[AveragedWeights], t: int) -> bool:
+    """Fold θ_t into every average of ``weights`` that is due at step ``t``, reading θ_t once.
+
+    The averages share one runner (one set of live weights and one shadow device). Returns whether any
+    changed. The averagers' counters advance inside the submitted update; :attr:`AveragedWeights.started`
+    and the cadence advance here.
+    """
+    due = [(w, kind) for w in weights if (kind := w.due(t)) is not None]
+    if not due:
+        return False
+    runner = due[0][0].runner
+    if any(w.runner is not runner for w, _ in due):
+        raise ValueError("step_together() needs averages that share one runner")
+    for w, _ in due:
+        w._started, w._last_step = True, t
+    runner.submit(lambda on_read: _apply(due, t, runner.reader, on_read))
+    return True
+
+
+def _apply(due: list[tuple[AveragedWeights, str]], t: int, reader: LiveWeights, on_read: Any) -> None:
+    """The update job: θ_t from ``reader`` into every due averager (flat math chunk by chunk, else per tensor)."""
+    flat = [(w.averager, kind) for w, kind in due if w.averager.flat_math]
+    lists = [(w.averager, kind) for w, kind in due if not w.averager.flat_math]
+    with ExitStack() as counters:
+        for averager, kind in [*lists, *flat]:
+            counters.enter_context(averager.starting(t) if kind == "start" else averager.updating(t))
+        if lists:
+            theta = reader.tensors()
+            for averager, kind in lists:
+                (averager._start if kind == "start" else averager._update)(theta, t)
+        if flat:
+            for lo, hi, part in reader.parts(on_read):
+                for averager, kind in flat:
+                    with averager.window(lo, hi):
+                        (averager._start if kind == "start" else averager._update)(part, t)
+        else:
+            on_read()
 
 
 def _settings(spec: AveragerSpec) -> dict[str, Any]:

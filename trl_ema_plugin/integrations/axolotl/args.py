@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import model_validator
-
+from ...config.errors import SettingError
 from ...config.flat_keys import DPO_REFERENCE, SELF_DISTILLATION, flat_args_model
 
 PEFT_ADAPTERS = ("lora", "qlora")
@@ -22,10 +21,13 @@ DPO_RL = ("dpo",)
 def check_axolotl_keys(data: Mapping[str, Any]) -> None:
     """Refuse our features together with Axolotl settings they cannot work with (ValueError naming both)."""
     adapter = data.get("adapter")
-    if data.get(SELF_DISTILLATION.prefix) and adapter not in PEFT_ADAPTERS:
-        raise ValueError(
-            f"{SELF_DISTILLATION.prefix}: true needs adapter: {' | '.join(PEFT_ADAPTERS)} (the teacher is a second "
-            f"adapter on the same base model); got adapter: {adapter}"
+    distillation = data.get(SELF_DISTILLATION.prefix)
+    if distillation and adapter not in PEFT_ADAPTERS:
+        raise SettingError(
+            f"needs a PEFT adapter (the teacher is a second adapter on the same base model); got adapter: {adapter}",
+            field=SELF_DISTILLATION.prefix,
+            value=distillation,
+            allowed=f"with adapter: {' | '.join(PEFT_ADAPTERS)}",
         )
     reference = data.get(DPO_REFERENCE.prefix)
     if reference is None or reference is False:
@@ -33,35 +35,42 @@ def check_axolotl_keys(data: Mapping[str, Any]) -> None:
     rl = data.get("rl")
     rl = getattr(rl, "value", rl)
     if rl not in DPO_RL:
-        raise ValueError(f"{DPO_REFERENCE.prefix} moves DPO's reference adapter and needs rl: dpo; got rl: {rl}")
+        raise SettingError(
+            f"moves DPO's reference adapter and needs rl: dpo; got rl: {rl}",
+            field=DPO_REFERENCE.prefix,
+            value=reference,
+            allowed=f"with rl: {' | '.join(DPO_RL)}",
+        )
     if adapter not in PEFT_ADAPTERS:
-        raise ValueError(
-            f"{DPO_REFERENCE.prefix} needs adapter: {' | '.join(PEFT_ADAPTERS)} (the reference is the 'ref' adapter "
-            f"on the same base model); got adapter: {adapter}"
+        raise SettingError(
+            f"needs a PEFT adapter (the reference is the 'ref' adapter on the same base model); got adapter: {adapter}",
+            field=DPO_REFERENCE.prefix,
+            value=reference,
+            allowed=f"with adapter: {' | '.join(PEFT_ADAPTERS)}",
         )
     if data.get("precompute_ref_log_probs"):
-        raise ValueError(
-            f"{DPO_REFERENCE.prefix} moves the reference during training, but precompute_ref_log_probs: true computes "
-            "its log-probs once, before training; remove one of them"
+        raise SettingError(
+            "moves the reference during training, but precompute_ref_log_probs: true computes its log-probs once, "
+            "before training; remove one of them",
+            settings={DPO_REFERENCE.prefix: reference, "precompute_ref_log_probs": True},
+            allowed="precompute_ref_log_probs: false",
         )
     trl = data.get("trl")
     if isinstance(trl, Mapping) and trl.get("sync_ref_model"):
-        raise ValueError(
-            f"{DPO_REFERENCE.prefix} and trl.sync_ref_model: true both move the reference; for TRL's rule write "
-            f"{DPO_REFERENCE.prefix}: tr_dpo with {DPO_REFERENCE.key('ref_model_sync_steps')} and "
-            f"{DPO_REFERENCE.key('ref_model_mixup_alpha')}"
+        raise SettingError(
+            f"{DPO_REFERENCE.prefix} and trl.sync_ref_model both move the reference",
+            settings={DPO_REFERENCE.prefix: reference, "trl.sync_ref_model": trl.get("sync_ref_model")},
+            allowed=f"for TRL's rule {DPO_REFERENCE.prefix}: tr_dpo with {DPO_REFERENCE.key('ref_model_sync_steps')} "
+            f"and {DPO_REFERENCE.key('ref_model_mixup_alpha')}, without trl.sync_ref_model",
         )
 
 
-class TrlEmaPluginArgs(flat_args_model("TrlEmaPluginKeys", module=__name__)):
-    """Every flat key of every feature, all optional (unset = off / the default)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _trl_ema_plugin_check_axolotl_keys(cls, data: Any) -> Any:
-        if isinstance(data, Mapping):
-            check_axolotl_keys(data)
-        return data
+TrlEmaPluginArgs = flat_args_model(
+    "TrlEmaPluginArgs",
+    module=__name__,
+    checks=(check_axolotl_keys,),
+    doc="Every flat key of every feature, all optional (unset = off / the default).",
+)
 
 
 ARGS_PATH = f"{__name__}.TrlEmaPluginArgs"

@@ -29,6 +29,7 @@ from ...config.flat_keys import (
     weight_averaging_config_from_flat,
 )
 from ..trl import WeightAveragingCallback, attach
+from ..trl.attach import plugin_callbacks
 from ..trl.distillation import SelfDistillationCallback
 from ..trl.dpo_reference import AveragedReferenceCallback
 from .args import ARGS_PATH
@@ -60,5 +61,5 @@ class WeightAveragingPlugin(BasePlugin):
         return callbacks
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        if any(hasattr(cb, "attach_to") for cb in trainer.callback_handler.callbacks):
+        if plugin_callbacks(trainer):
             attach(trainer)

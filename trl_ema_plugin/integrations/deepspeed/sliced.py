@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ...distributed import all_gather_rows, has_process_group
 from ...shadow.layout import ShadowLayout
-from .collectives import all_gather_rows
 
 
 class SlicedLayout(ShadowLayout):
@@ -25,7 +25,7 @@ class SlicedLayout(ShadowLayout):
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], group: dist.ProcessGroup | None = None) -> None:
         super().__init__(named_params)
-        if not (dist.is_available() and dist.is_initialized()):
+        if not has_process_group():
             raise ValueError("SlicedLayout needs an initialized torch.distributed process group")
         not_contiguous = [n for n, p in named_params if not p.is_contiguous()]
         if not_contiguous:
@@ -61,8 +61,7 @@ class SlicedLayout(ShadowLayout):
         padded[: mine.numel()] = mine
         return all_gather_rows(padded, self.group).reshape(-1)[: self.total]
 
-    @torch.no_grad()
-    def write_local(self, values: list[Tensor]) -> None:
+    def _write_live(self, values: list[Tensor]) -> None:
         """Write this rank's slice, then all-gather so that every replica holds the new full weights."""
         full = self._full_flat(values)
         for p, part in zip(self.params, full.split(self.numels), strict=True):

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ...distributed import all_gather_rows, all_reduce_max_flags
 from ...shadow.layout import ShadowLayout
-from .collectives import all_gather_rows, all_reduce_max_flags
 
 
 def _check_partitioned(named_params: list[tuple[str, nn.Parameter]]) -> None:
@@ -76,6 +76,9 @@ class Zero3Layout(ShadowLayout):
     def local_tensors(self) -> list[Tensor]:
         return [p.ds_tensor.data.view(-1)[:n] for p, n in zip(self.params, self.valid, strict=True)]
 
+    def storage_key(self) -> tuple[int, ...]:
+        return tuple(p.ds_tensor.data_ptr() for p in self.params)
+
     def _assemble(self, partitions: list[Tensor], params: list[nn.Parameter]) -> list[Tensor]:
         """Full flat tensors of ``params`` from this rank's padded ``partitions`` (one all-gather)."""
         rows = all_gather_rows(torch.cat(partitions), self.group)  # [world, Σ c_i]
@@ -86,8 +89,7 @@ class Zero3Layout(ShadowLayout):
             offset += size
         return full
 
-    @torch.no_grad()
-    def write_local(self, values: list[Tensor]) -> None:
+    def _write_live(self, values: list[Tensor]) -> None:
         """Write the partitions, then refresh every full ``p.data`` that is present (persisted params)."""
         for p, n, value in zip(self.params, self.valid, values, strict=True):
             p.ds_tensor.data.view(-1)[:n].copy_(value)

@@ -1,6 +1,7 @@
-"""TRL / transformers integration: the callback and the ``attach`` entry."""
+"""TRL / transformers integration: the callbacks, their common base and the ``attach`` entry."""
 
 from .attach import attach
 from .callback import WeightAveragingCallback
+from .lifecycle import PluginCallback
 
-__all__ = ["WeightAveragingCallback", "attach"]
+__all__ = ["PluginCallback", "WeightAveragingCallback", "attach"]

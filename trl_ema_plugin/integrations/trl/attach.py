@@ -1,8 +1,8 @@
 """``attach(trainer)``: the one explicit entry for features that need the trainer itself.
 
-Transformers callbacks never receive the trainer. ``attach`` hands it to every callback in
-``trainer.callback_handler`` that has an ``attach_to(trainer)`` method (weight averaging,
-self-distillation, the DPO reference), adding a :class:`WeightAveragingCallback` first when
+Transformers callbacks never receive the trainer. ``attach`` hands it to every callback of ours in
+``trainer.callback_handler`` (a :class:`~trl_ema_plugin.integrations.trl.lifecycle.PluginCallback`:
+weight averaging, self-distillation, the DPO reference), adding a :class:`WeightAveragingCallback` first when
 ``averaging`` is given. It also records ``trainer.train(resume_from_checkpoint=...)`` so that
 a checkpoint outside ``output_dir`` is found on resume.
 """
@@ -14,6 +14,12 @@ import inspect
 from typing import Any
 
 from .callback import WeightAveragingCallback
+from .lifecycle import PluginCallback
+
+
+def plugin_callbacks(trainer: Any) -> list[PluginCallback]:
+    """The callbacks of this package on ``trainer``, in the trainer's order."""
+    return [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PluginCallback)]
 
 
 def attach(trainer: Any, averaging: WeightAveragingCallback | None = None) -> Any:
@@ -21,7 +27,7 @@ def attach(trainer: Any, averaging: WeightAveragingCallback | None = None) -> An
     handler = trainer.callback_handler
     if averaging is not None and averaging not in handler.callbacks:
         trainer.add_callback(averaging)
-    attached = [cb for cb in handler.callbacks if hasattr(cb, "attach_to")]
+    attached = plugin_callbacks(trainer)
     if not attached:
         raise ValueError(
             "attach(trainer) found none of trl_ema_plugin's callbacks on the trainer; pass "
@@ -33,7 +39,7 @@ def attach(trainer: Any, averaging: WeightAveragingCallback | None = None) -> An
     return trainer
 
 
-def _record_resume_argument(trainer: Any, callbacks: list[Any]) -> None:
+def _record_resume_argument(trainer: Any, callbacks: list[PluginCallback]) -> None:
     if getattr(trainer.train, "_trl_ema_plugin_wrapped", False):
         return
     original = trainer.train

@@ -6,36 +6,30 @@ per averager spec and calls it at the trainer's events.
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ...config import AveragerSpec, WeightAveragingConfig
-from ...export import write_averaged_weights
-from ...persistence import atomic_directory, averager_folder, read_state, write_state
+from ...distributed import is_writer
+from ...model_files import write_averaged_weights
+from ...model_helpers import unwrap_model
+from ...persistence import averager_folder, write_state_folder
 from ...shadow import AveragedWeights, trainable_parameters
-from ..parallel import build_layout, is_writer, zero_stage
-from .checkpoint_adapters import drop_adapters, restore_policy_adapter
+from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
+from ...shadow.store import step_together
+from ..parallel import build_layout, engine_restores_model, pack_adapter_weights
 from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
-from .resume import checkpoint_folder, find_resume_checkpoint
-
-logger = logging.getLogger(__name__)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose parameters train: strips DDP / DeepSpeed engine wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+from .lifecycle import PluginCallback, never_updates
+from .trainer_kinds import evaluates_without_labels, trainer_kind
 
 
-class WeightAveragingCallback(TrainerCallback):
+class WeightAveragingCallback(PluginCallback):
     """Keep EMA/BEMA/DEMA/OUEMA averages of the trainable weights during ``trainer.train()``.
 
     One line: ``SFTTrainer(..., callbacks=[WeightAveragingCallback(method="bema")])``. It then
@@ -51,6 +45,9 @@ class WeightAveragingCallback(TrainerCallback):
     averager, of :class:`~trl_ema_plugin.config.AveragerSpec` (``method``, ``decay``, ``update_freq``...).
     """
 
+    config_class = WeightAveragingConfig
+    config: WeightAveragingConfig
+
     def __init__(
         self,
         method: str | None = None,
@@ -59,14 +56,16 @@ class WeightAveragingCallback(TrainerCallback):
         averagers: list[AveragerSpec | dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
-        if config is not None and (method is not None or averagers is not None or kwargs):
-            raise ValueError("pass either config=WeightAveragingConfig(...) or its fields, not both")
-        self.config = config or WeightAveragingConfig.from_kwargs(method=method, averagers=averagers, **kwargs)
+        given = {k: v for k, v in {"method": method, "averagers": averagers}.items() if v is not None}
+        super().__init__(config, **given, **kwargs)
         self.weights: dict[str, AveragedWeights] = {}
-        self.model: nn.Module | None = None
-        self.trainer: Any = None  # set by attach()
-        self.resume_from_checkpoint: str | bool | None = None  # set by attach()
+        self.runner: UpdateRunner | None = None
         self._evaluating = False
+
+    @classmethod
+    def build_config(cls, **fields: Any) -> WeightAveragingConfig:
+        """``method=..., decay=...`` or ``averagers=[...]``, and TRL ``BEMACallback``'s ``device``."""
+        return WeightAveragingConfig.from_kwargs(**fields)
 
     # ------------------------------------------------------------------ API
     @property
@@ -83,67 +82,56 @@ class WeightAveragingCallback(TrainerCallback):
         """Build the shadow stores for ``model`` (done by ``on_train_begin``)."""
         self.model = unwrap_model(model)
         named = trainable_parameters(self.model)
-        layout = build_layout(named, args)
-        device = torch.device("cpu") if self.config.offload else None
+        layout = build_layout(named, args, model=self.model)
+        pack_adapter_weights(layout, self.model, args)  # θ is then read as one tensor
+        device = torch.device("cpu") if self.config.offload else layout.device
         # the trainer loads the best checkpoint before on_train_end: the export must not read those weights as θ_T
         moves = bool(getattr(args, "load_best_model_at_end", False))
-        self.weights = {spec.label: AveragedWeights(spec, layout, device, moves) for spec in self.config.averagers}
+        schedule = choose_schedule(layout, self.config.offload, engine_restores_model(args, self.model))
+        self.runner = build_runner(schedule, layout, device)  # shared: θ_t is read once per step for all averagers
+        self.weights = {
+            spec.label: AveragedWeights(spec, layout, device, moves, runner=self.runner)
+            for spec in self.config.averagers
+        }
 
-    def on_train_begin(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        model: nn.Module = None,
-        **kwargs: Any,
-    ) -> None:
-        self.setup(model, args)
-        self._step = state.global_step
+    def runners(self) -> list[UpdateRunner]:
+        return [] if self.runner is None else [self.runner]
+
+    def check_run(self, args: TrainingArguments, state: TrainerState) -> None:
         self._check_evaluation_path(args)
         self._warn_if_never_updated(state.max_steps)
-        resume = find_resume_checkpoint(self.resume_from_checkpoint, args, state.global_step)
-        if resume is not None:
-            self._repair_resumed_adapters(resume, args)
-            self.load(resume, state.global_step)
-        for weights in self.weights.values():
-            weights.step(state.global_step)
 
-    def _repair_resumed_adapters(self, checkpoint: str, args: TrainingArguments) -> None:
-        """Drop the ``averaged*`` adapters transformers loaded from our folders; restore the policy adapter."""
-        if zero_stage(args) is not None:
-            return  # DeepSpeed resumes from its own files, not from adapter sub-folders
-        folders = [averager_folder(name, primary=i == 0) for i, name in enumerate(self.weights)]
-        drop_adapters(self.model, folders)
-        restore_policy_adapter(self.model, checkpoint, getattr(self.model, "active_adapter", "default"))
+    def start(self, global_step: int) -> None:
+        self._step = global_step
+        step_together(list(self.weights.values()), global_step)
+
+    def checkpoint_folders(self) -> list[str]:
+        """``averaged/`` for the primary averager, ``averaged-<name>/`` for each other one."""
+        return [averager_folder(name, primary=index == 0) for index, name in enumerate(self.weights)]
 
     def _check_evaluation_path(self, args: TrainingArguments) -> None:
-        """Preference trainers have no labels for the loss-only pass: they need ``attach(trainer)``."""
-        from trl import DPOConfig
-
+        """Preference and RL trainers have no labels for the loss-only pass: they need ``attach(trainer)``."""
         strategy = getattr(args, "eval_strategy", "no")
         evaluates = getattr(strategy, "value", strategy) != "no"
-        if self.config.eval and evaluates and self.trainer is None and isinstance(args, DPOConfig):
+        if self.config.eval and evaluates and self.trainer is None and evaluates_without_labels(args):
             raise ValueError(
-                "evaluating averaged weights in a DPO run needs the trainer: call trl_ema_plugin.attach(trainer) "
-                "before trainer.train(), or pass eval=False to WeightAveragingCallback"
+                f"evaluating averaged weights in a {trainer_kind(args)} run needs the trainer: call "
+                "trl_ema_plugin.attach(trainer) before trainer.train(), or pass eval=False to WeightAveragingCallback"
             )
 
     def _warn_if_never_updated(self, max_steps: int) -> None:
         for spec in self.config.averagers:
-            if max_steps > 0 and spec.first_update_step() > max_steps:
-                message = (
-                    f"averager {spec.label!r} will never update: it starts at step update_after={spec.update_after} "
-                    f"and updates every update_every={spec.cadence} steps, but training stops at step {max_steps}; "
-                    f"its output stays the weights of step {spec.update_after}. Lower update_every (alias update_freq)."
+            reason = never_updates(spec, max_steps)
+            if reason is not None:
+                self.warn(
+                    f"averager {spec.label!r} will never update: {reason}; its output stays the weights of step "
+                    f"{spec.update_after}. Lower update_every (alias update_freq)."
                 )
-                warnings.warn(message, UserWarning, stacklevel=2)
-                logger.warning(message)
 
     # ----------------------------------------------------------------- steps
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._step = state.global_step
-        for weights in self.weights.values():
-            weights.step(state.global_step)
+        step_together(list(self.weights.values()), state.global_step)
 
     # ------------------------------------------------------------ evaluation
     def on_evaluate(
@@ -179,42 +167,32 @@ class WeightAveragingCallback(TrainerCallback):
         return new
 
     # ---------------------------------------------------------------- saving
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.config.save_checkpoints and self.weights:
-            self.save(checkpoint_folder(args, state.global_step), state.global_step, is_writer(state))
+    def has_checkpoint_state(self) -> bool:
+        return self.config.save_checkpoints and bool(self.weights)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.config.export_at_end and self.weights:
             self.save(args.output_dir, state.global_step, is_writer(state))
+        self.close_runners()
 
     def save(self, parent: str | os.PathLike[str], global_step: int, writer: bool = True) -> None:
         """Write every averager's folder under ``parent``. Collective: call on every rank; ``writer`` writes."""
-        for index, (name, weights) in enumerate(self.weights.items()):
+        for folder, weights in zip(self.checkpoint_folders(), self.weights.values(), strict=True):
             averaged = weights.averaged_tensors(global_step)
             state_tensors = weights.state_tensors()
-            if not writer:
-                continue
-            with atomic_directory(Path(parent) / averager_folder(name, primary=index == 0)) as folder:
-                write_averaged_weights(self.model, averaged, folder)
-                write_state(folder, state_tensors, weights.state_metadata(), global_step)
+            if writer:
+                model_files = functools.partial(write_averaged_weights, self.model, averaged)
+                write_state_folder(
+                    Path(parent) / folder, state_tensors, weights.state_metadata(), global_step, model_files
+                )
 
     def load(self, checkpoint: str | os.PathLike[str], global_step: int | None = None) -> None:
         """Restore every averager from ``checkpoint`` (on every rank; any world size), saved at ``global_step``."""
-        for index, (name, weights) in enumerate(self.weights.items()):
-            folder = Path(checkpoint) / averager_folder(name, primary=index == 0)
-            if not folder.is_dir():
-                message = (
-                    f"resuming from {checkpoint}, which holds no {folder.name}/ for averager {name!r}; "
-                    "it starts again from the current weights"
-                )
-                warnings.warn(message, UserWarning, stacklevel=2)
-                logger.warning(message)
-                continue
-            tensors, metadata = read_state(folder, global_step)
-            weights.load_state(tensors, metadata)
-
-    def attach_to(self, trainer: Any) -> None:
-        """Called by :func:`trl_ema_plugin.attach`: full ``trainer.evaluate`` metrics, any-path resume."""
-        self.trainer = trainer
+        for folder, (name, weights) in zip(self.checkpoint_folders(), self.weights.items(), strict=True):
+            saved = self.read_checkpoint_state(
+                checkpoint, folder, global_step, f" for averager {name!r}", "it starts again from the current weights"
+            )
+            if saved is not None:
+                weights.load_state(*saved)

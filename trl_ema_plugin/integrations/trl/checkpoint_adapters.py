@@ -9,17 +9,14 @@ silently continue from the initial adapter.
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...export import ADAPTER_WEIGHTS, is_peft_model
-
-logger = logging.getLogger(__name__)
+from ...model_files import ADAPTER_WEIGHTS
+from ...model_helpers import is_peft_model
 
 
 def drop_adapters(model: nn.Module, names: list[str]) -> list[str]:
@@ -36,7 +33,8 @@ def drop_adapters(model: nn.Module, names: list[str]) -> list[str]:
 def restore_policy_adapter(model: nn.Module, checkpoint: str | os.PathLike[str], adapter_name: str = "default") -> bool:
     """Load ``checkpoint/adapter_model.safetensors`` into ``adapter_name`` if the trainer did not.
 
-    Returns whether anything was restored (transformers 5.24 restores it itself; 5.16 does not).
+    Returns whether anything was restored (transformers 5.24 restores it itself; 5.16 does not); the
+    caller tells the user (:meth:`~trl_ema_plugin.integrations.trl.lifecycle.PluginCallback.resume`).
     """
     path = Path(checkpoint) / ADAPTER_WEIGHTS
     if not is_peft_model(model) or not path.is_file():
@@ -49,7 +47,4 @@ def restore_policy_adapter(model: nn.Module, checkpoint: str | os.PathLike[str],
     if saved.keys() == current.keys() and all(torch.equal(current[k], saved[k].to(current[k])) for k in saved):
         return False
     set_peft_model_state_dict(model, saved, adapter_name=adapter_name)
-    message = f"the trainer did not restore the adapter from {path} on resume; loaded it into {adapter_name!r}"
-    warnings.warn(message, UserWarning, stacklevel=2)
-    logger.warning(message)
     return True

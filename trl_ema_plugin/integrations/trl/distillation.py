@@ -3,15 +3,24 @@
 After :func:`trl_ema_plugin.attach`, the trainer's own ``compute_loss`` is wrapped on the
 instance (no copy of TRL's trainers). Per training micro-batch:
 
-1. the trainer's ``compute_loss`` runs unchanged; a hook records the student's backbone call;
+1. the trainer's ``compute_loss`` runs unchanged; hooks record the student's backbone call, and its
+   logits when the trainer's forward builds them (TRL 1.9 with ``loss_type="nll"``, a ``compute_loss_func``;
+   TRL 1.16's fused LM head and TRL 1.9's default ``chunked_nll`` do not);
 2. the teacher adapter is refreshed from the averager when the averager has moved;
 3. the backbone call is replayed with the teacher adapter (eval mode, no grad) on the rows
-   that hold completion tokens (SFT: ``labels != -100``; DPO: the chosen completions);
-4. ``D`` is computed on the completion positions only, from ``lm_head(h)`` of both.
+   that hold completion tokens (SFT: ``labels != -100``; DPO: the chosen completions; GRPO, RLOO:
+   the sampled completion tokens, ``completion_mask``);
+4. ``D`` is computed on the completion positions only, in chunks of tokens
+   (:func:`~trl_ema_plugin.distillation.chunked_distillation_sum`): per chunk, the teacher's logits
+   ``lm_head(h_T)`` and the student's (its recorded logits, else ``lm_head(h_S)``), the divergence, and its
+   gradient with respect to the student's input; no full-vocabulary tensor of all tokens ever exists.
+   With ``kernel="liger"`` Liger kernel's fused linear JSD does the same on CUDA.
 
 Cost per distilled step: one teacher forward without gradient (DPO: on the chosen half of the
-batch) plus the LM-head projection of the completion tokens, for student (with backward) and
-teacher. Warm-up steps, steps skipped by ``distill_every`` and evaluation cost nothing.
+batch) plus the LM-head projection of the completion tokens for the teacher, and for the student where
+the trainer does not build its logits (forward and the backward to ``h``). Warm-up steps, steps skipped by
+``distill_every`` and evaluation cost nothing. An output layer that is trained or carries an adapter (LoRA on
+``lm_head``, ``modules_to_save``) takes the unchunked reference computation instead.
 
 The task loss and the added term are logged as ``loss/task`` and ``loss/distill``.
 """
@@ -20,18 +29,32 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ...config.distillation import SelfDistillationConfig
-from ...distillation import per_token_distillation, teacher_targets
+from ...distillation import ChunkedTerm, chunk_tokens, chunked_distillation_sum, per_token_distillation, teacher_targets
+from ...distillation.chunked import CHUNK_ELEMENTS
+from ...model_helpers import unwrap_model
 from ...shadow import AveragedWeights
-from .callback import WeightAveragingCallback, unwrap_model
-from .student_outputs import BackboneCall, BackboneRecorder, chosen_positions, label_positions, output_logits
+from ..fsdp import unshard_above
+from .callback import WeightAveragingCallback
+from .lifecycle import PluginCallback
+from .liger import liger_distillation_sum, liger_unavailable
+from .student_outputs import (
+    BackboneCall,
+    BackboneRecorder,
+    chosen_positions,
+    completion_positions,
+    label_positions,
+    output_logits,
+)
 from .teacher import TeacherAdapter
+from .trainer_kinds import GENERATION_TRAINERS, trainer_kind
 
 TASK_KEY = "loss/task"
 DISTILL_KEY = "loss/distill"
@@ -46,16 +69,18 @@ def loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any) -> bool:
     return (accepts and num_items_in_batch is not None) or getattr(trainer, "compute_loss_func", None) is not None
 
 
-def _is_dpo(trainer: Any) -> bool:
-    try:
-        from trl import DPOTrainer
-    except ImportError:  # pragma: no cover - trl is a dependency
-        return False
-    return isinstance(trainer, DPOTrainer)
+def distilled_positions_for(trainer: Any) -> Callable[[dict[str, Any]], Tensor]:
+    """Which hidden positions of a training batch are distilled, by trainer kind (see :mod:`.student_outputs`)."""
+    kind = trainer_kind(trainer)
+    if kind == "DPO":
+        return chosen_positions
+    if kind in GENERATION_TRAINERS:
+        return completion_positions
+    return label_positions
 
 
-class SelfDistillationCallback(TrainerCallback):
-    """Self-distillation from an averaged teacher, for TRL ``SFTTrainer`` and ``DPOTrainer``.
+class SelfDistillationCallback(PluginCallback):
+    """Self-distillation from an averaged teacher, for TRL ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``, ``RLOOTrainer``.
 
     ``SFTTrainer(..., callbacks=[WeightAveragingCallback(method="bema", update_every=1),
     SelfDistillationCallback(lambda_=0.5, temperature=2.0)])`` then ``trl_ema_plugin.attach(trainer)``.
@@ -64,17 +89,23 @@ class SelfDistillationCallback(TrainerCallback):
     ``top_k``, ``distill_every``, ``adapter_name``).
     """
 
+    config_class = SelfDistillationConfig
+    config: SelfDistillationConfig
+    #: elements of one ``[chunk, V]`` tensor of the chunked computation (the chunk is this / V tokens)
+    chunk_elements: int = CHUNK_ELEMENTS
+    #: compute the term unchunked (a second projection of every completion token, full-vocabulary
+    #: log-probabilities), as before the chunked path; chosen by itself for a trained or adapted output layer
+    use_reference_path: bool = False
+
     def __init__(self, config: SelfDistillationConfig | None = None, **kwargs: Any) -> None:
-        if config is not None and kwargs:
-            raise ValueError("pass either config=SelfDistillationConfig(...) or its fields, not both")
-        self.config = config or SelfDistillationConfig(**kwargs)
-        self.trainer: Any = None
+        super().__init__(config, **kwargs)
         self.averaging: WeightAveragingCallback | None = None
         self.teacher: TeacherAdapter | None = None
         self.recorder: BackboneRecorder | None = None
-        self.resume_from_checkpoint: str | bool | None = None  # set by attach(); unused here
         self.teacher_forwards = 0
-        self._dpo = False
+        self.logits_reused = 0  # distilled micro-batches whose student logits were the trainer's own
+        self._reuse_logits = True
+        self._positions: Callable[[dict[str, Any]], Tensor] = label_positions
         self._own_metrics: dict[str, list[float]] = defaultdict(list)
 
     # ------------------------------------------------------------------ attach
@@ -91,11 +122,18 @@ class SelfDistillationCallback(TrainerCallback):
         ]
         if others:
             raise ValueError("a trainer takes one SelfDistillationCallback")
+        if trainer_kind(trainer) == "KTO":
+            raise ValueError(
+                "self-distillation supports SFTTrainer, DPOTrainer, GRPOTrainer and RLOOTrainer, not KTOTrainer "
+                "(its batches mix desirable and undesirable completions)"
+            )
         self.averaging = self._find_averaging(trainer)
         model = unwrap_model(trainer.model)
         self.teacher = TeacherAdapter(model, self.config.adapter_name)
         self.recorder = BackboneRecorder(model)
-        self._dpo = _is_dpo(trainer)
+        self._positions = distilled_positions_for(trainer)
+        # GRPO/RLOO keep only the completion's logits and rescale them by their temperature: never reused
+        self._reuse_logits = trainer_kind(trainer) not in GENERATION_TRAINERS
         original = trainer.compute_loss
 
         @functools.wraps(original)
@@ -105,7 +143,7 @@ class SelfDistillationCallback(TrainerCallback):
             return self._compute_loss(original, model, inputs, return_outputs, num_items_in_batch, **kw)
 
         trainer.compute_loss = compute_loss
-        self.trainer = trainer
+        super().attach_to(trainer)
 
     def _find_averaging(self, trainer: Any) -> WeightAveragingCallback:
         callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, WeightAveragingCallback)]
@@ -133,14 +171,29 @@ class SelfDistillationCallback(TrainerCallback):
         name = self.config.teacher
         return self.averaging.weights[name] if name is not None else self.averaging.primary
 
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
+    def check_run(self, args: TrainingArguments, state: TrainerState) -> None:
         if self.trainer is None:
             raise ValueError(
                 "SelfDistillationCallback needs the trainer to add its loss term: call trl_ema_plugin.attach(trainer) "
                 "before trainer.train()"
             )
+        if self.config.kernel == "liger":
+            assert self.recorder is not None
+            reason = liger_unavailable(self.recorder.causal_lm, self._head_is_plain())
+            if reason is not None:
+                raise ValueError(f"kernel='liger' cannot run here: {reason}; use kernel='torch' (the default)")
+
+    def _head_is_plain(self) -> bool:
+        """Whether the output layer is frozen and carries no adapter: the teacher's projection is then the student's
+        (the chunked path projects the teacher outside the teacher adapter, and needs no gradient of the head)."""
+        assert self.recorder is not None
+        head = self.recorder.causal_lm.get_output_embeddings()
+        adapted = any(type(m).__module__.split(".")[0] == "peft" for m in head.modules())
+        return not adapted and not any(p.requires_grad for p in head.parameters())
+
+    def resume(self, args: TrainingArguments, state: TrainerState) -> str | None:
+        """Nothing to restore: the teacher is rewritten from the averager, which resumes its own state."""
+        return None
 
     # --------------------------------------------------------------------- loss
     def _compute_loss(
@@ -157,8 +210,8 @@ class SelfDistillationCallback(TrainerCallback):
             return original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kw)
         step = trainer.state.global_step
         averaged = self.teacher_weights()
-        distill = self.config.lambda_ > 0 and self.config.distills_at(step) and averaged.averager.started
-        positions = (chosen_positions(inputs) if self._dpo else label_positions(inputs)).clone() if distill else None
+        distill = self.config.lambda_ > 0 and self.config.distills_at(step) and averaged.started
+        positions = self._positions(inputs).clone() if distill else None
         assert self.recorder is not None
         with self.recorder.recording(enabled=distill):
             result = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kw)
@@ -210,19 +263,50 @@ class SelfDistillationCallback(TrainerCallback):
         rows = positions.any(dim=1)
         if not bool(rows.any()):
             rows = torch.ones_like(rows)  # every rank runs the teacher forward (ZeRO-3 gathers are collective)
+        reference = self.use_reference_path or not self._head_is_plain()
         lm = self.recorder.causal_lm
+        unshard_above(self.teacher.model, self.recorder.backbone)  # FSDP2: the replay runs no root hook
         config = self.config
         with self.teacher.active():
             teacher_hidden, rows = self.recorder.replay(call, rows)
-            teacher_logits = output_logits(lm, teacher_hidden[positions[rows]])
-            targets = teacher_targets(teacher_logits, config.temperature, config.top_k)
-            del teacher_logits, teacher_hidden
+            teacher_rows = teacher_hidden[positions[rows]]  # [N, H], no grad
+            del teacher_hidden
+            if reference:  # the head may carry the teacher adapter: project inside the teacher context
+                targets = teacher_targets(output_logits(lm, teacher_rows), config.temperature, config.top_k)
         self.teacher_forwards += 1
-        student_logits = output_logits(lm, hidden[positions])
-        per_token = per_token_distillation(
-            student_logits, targets, divergence=config.divergence, beta=config.jsd_beta, temperature=config.temperature
+        if reference:
+            student_logits = output_logits(lm, hidden[positions])
+            per_token = per_token_distillation(
+                student_logits,
+                targets,
+                divergence=config.divergence,
+                beta=config.jsd_beta,
+                temperature=config.temperature,
+            )
+            return per_token.sum(), per_token.numel()
+        if config.kernel == "liger":
+            return liger_distillation_sum(lm, hidden, positions, teacher_rows, config)
+        return self._chunked_sum(call, positions, teacher_rows)
+
+    def _chunked_sum(self, call: BackboneCall, positions: Tensor, teacher_rows: Tensor) -> tuple[Tensor, int]:
+        """The term in chunks of tokens; the student's logits are the trainer's own when it built them."""
+        lm = self.recorder.causal_lm  # type: ignore[union-attr]
+        config = self.config
+        vocabulary = lm.get_output_embeddings().out_features
+        logits = call.full_logits(vocabulary) if self._reuse_logits else None
+        self.logits_reused += logits is not None
+        index = positions.reshape(-1).nonzero().squeeze(1)
+        term = ChunkedTerm(
+            student_head=None if logits is not None else (lambda h: output_logits(lm, h)),
+            teacher_logits=lambda lo, hi: output_logits(lm, teacher_rows[lo:hi]),
+            divergence=config.divergence,
+            beta=config.jsd_beta,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            chunk=chunk_tokens(vocabulary, self.chunk_elements),
         )
-        return per_token.sum(), per_token.numel()
+        source = logits if logits is not None else call.hidden
+        return chunked_distillation_sum(source, index, term), index.numel()
 
     # ------------------------------------------------------------------ logging
     def _mean_over_ranks(self, values: Tensor) -> list[float]:

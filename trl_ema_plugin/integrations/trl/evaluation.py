@@ -63,9 +63,10 @@ def _sum_over_ranks(total: float, count: int, device: torch.device) -> tuple[flo
     """Under several processes each rank saw its shard of the evaluation set: add them up."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    from ...distributed import communication_device, world_size
+
+    if world_size() == 1:
         return total, count
-    from ..deepspeed.collectives import communication_device
 
     sums = torch.tensor([total, float(count)], dtype=torch.float64, device=communication_device(device))
     dist.all_reduce(sums)

@@ -1,11 +1,15 @@
-"""Reuse the student's own forward for distillation: its hidden states, and which positions are completions.
+"""Reuse the student's own forward for distillation: its hidden states, its logits when it built them, and which
+positions are completions.
 
-TRL 1.16 computes the SFT/DPO losses through a fused LM head that never builds the logits, and
-TRL 1.9 builds them for every position. Both call the decoder backbone (``LlamaModel`` for a
-``LlamaForCausalLM``) once with gradients. A forward hook on the backbone records that call (its
-arguments and its last hidden state), so distillation needs no second student forward: the
-student logits are ``lm_head(h)`` on the completion positions only, and the teacher forward
-replays the same backbone call (same arguments, hence the same masks, positions and packing).
+TRL 1.16 computes the SFT/DPO losses through a fused LM head that never builds the logits (its output has
+per-token log-probabilities only), and so does TRL 1.9's default ``loss_type="chunked_nll"``; with
+``loss_type="nll"`` (TRL 1.9) or a ``compute_loss_func`` (TRL 1.16) the forward builds them for every position
+(``outputs.logits``, ``[batch, seq, V]``). All call the decoder backbone (``LlamaModel`` for a
+``LlamaForCausalLM``) once with gradients. A forward hook on the backbone records that call (its arguments and
+its last hidden state), and one on the model records the logits when its output has them, so distillation needs
+no second student forward: the student logits are the trainer's own where they exist, else ``lm_head(h)`` on the
+completion positions only, and the teacher forward replays the same backbone call (same arguments, hence the
+same masks, positions and packing).
 """
 
 from __future__ import annotations
@@ -79,6 +83,14 @@ class BackboneCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     hidden: Tensor  # [batch, seq, hidden], part of the autograd graph of the task loss
+    logits: Tensor | None = None  # [batch, seq, V] of the same forward, when the model built them (with grad)
+
+    def full_logits(self, vocabulary: int) -> Tensor | None:
+        """The recorded logits when they cover every position of :attr:`hidden` and the whole vocabulary."""
+        logits = self.logits
+        if logits is None or logits.dim() != 3 or logits.shape[:2] != self.hidden.shape[:2]:
+            return None
+        return logits if logits.size(-1) == vocabulary else None
 
 
 class BackboneRecorder:
@@ -88,8 +100,11 @@ class BackboneRecorder:
         self.causal_lm = causal_lm_of(model)
         self.backbone = backbone_of(self.causal_lm)
         self._handle = self.backbone.register_forward_hook(self._hook, with_kwargs=True)
+        # the outermost module the trainer calls: PEFT's LoraModel calls the causal LM's forward directly
+        self._output_handle = model.register_forward_hook(self._output_hook)
         self._recording = False
         self._call: BackboneCall | None = None
+        self._logits_seen = False
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not self._recording or self._call is not None or not torch.is_grad_enabled():
@@ -98,9 +113,19 @@ class BackboneRecorder:
         if torch.is_tensor(hidden) and hidden.requires_grad:
             self._call = BackboneCall(args, dict(kwargs), hidden)
 
+    def _output_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The logits of the forward whose backbone call was recorded (the first one that returns)."""
+        if not self._recording or self._call is None or self._logits_seen or not torch.is_grad_enabled():
+            return
+        self._logits_seen = True
+        logits = getattr(output, "logits", None)
+        if torch.is_tensor(logits) and logits.requires_grad:
+            self._call.logits = logits
+
     @contextmanager
     def recording(self, enabled: bool = True) -> Iterator[None]:
         self._call = None
+        self._logits_seen = False
         self._recording = enabled
         try:
             yield
@@ -134,6 +159,7 @@ class BackboneRecorder:
 
     def remove(self) -> None:
         self._handle.remove()
+        self._output_handle.remove()
 
 
 def _slice_rows(args: tuple[Any, ...], kwargs: dict[str, Any], rows: Tensor, batch: int) -> dict[str, Any] | None:
@@ -171,4 +197,19 @@ def chosen_positions(inputs: dict[str, Any]) -> Tensor:
     positions = torch.zeros_like(completion)
     positions[:, :-1] = completion[:, 1:]
     positions[completion.size(0) // 2 :] = False
+    return positions
+
+
+def completion_positions(inputs: dict[str, Any]) -> Tensor:
+    """GRPO/RLOO batches: ``prompt_ids`` [B, P] and the sampled ``completion_ids`` [B, C], fed as one sequence.
+
+    Hidden position ``P − 1 + j`` predicts completion token ``j``; it counts where ``completion_mask``
+    (times ``tool_mask``, when tools wrote some tokens) is set, as in the trainers' own loss.
+    """
+    mask = inputs["completion_mask"].bool()
+    if "tool_mask" in inputs:
+        mask = mask & inputs["tool_mask"].bool()
+    prompt_length = inputs["prompt_ids"].size(1)
+    positions = torch.zeros(mask.size(0), prompt_length + mask.size(1), dtype=torch.bool, device=mask.device)
+    positions[:, prompt_length - 1 : prompt_length - 1 + mask.size(1)] = mask
     return positions

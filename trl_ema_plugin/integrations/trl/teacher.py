@@ -3,7 +3,7 @@
 No second copy of the base model: the teacher is one extra adapter (named ``ema_teacher`` by
 default, a copy of the trained adapter's config, frozen). After each update of the averager its
 weights are rewritten with ``AveragedWeights.average_local(t)`` through a layout over the twin
-parameters, so under ZeRO-3 each rank writes its own shard.
+parameters, so under ZeRO-3 and FSDP2 each rank writes its own shard.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...export import is_peft_model
+from ...model_helpers import is_dtensor, is_peft_model
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name
 from ..parallel import build_layout
 from .twin_adapter import add_twin_adapter, freeze_adapter, requires_grad_flags, restore_requires_grad
@@ -51,11 +51,17 @@ class TeacherAdapter:
         return [(n, p) for n, p in self.model.named_parameters() if f".{self.name}." in n]
 
     def memory_bytes(self) -> int:
-        """Bytes of the teacher adapter's weights on this rank (under ZeRO-3, its shard)."""
+        """Bytes of the teacher adapter's weights on this rank (under ZeRO-3 or FSDP2, its shard).
+
+        Once bound, read through the layout: after a forward, FSDP2 modules may hold the unsharded (with a
+        mixed-precision policy, bf16) copies, not the shards this rank keeps.
+        """
+        if self.layout is not None:
+            return sum(t.numel() * t.element_size() for t in self.layout.local_tensors())
         total = 0
         for _, p in self.parameters():
             shard = getattr(p, "ds_tensor", None)
-            tensor = shard if shard is not None else p
+            tensor = shard if shard is not None else (p.to_local() if is_dtensor(p) else p)
             total += tensor.numel() * tensor.element_size()
         return total
 
@@ -63,7 +69,7 @@ class TeacherAdapter:
     def bind(self, averaged: AveragedWeights, args: Any) -> None:
         """Lay the teacher's parameters out like the averager's (same names, other adapter)."""
         twins = adapter_twin_names(averaged.layout.names, self.source, self.name)
-        self.layout = build_layout(parameters_by_name(self.model, twins), args)
+        self.layout = build_layout(parameters_by_name(self.model, twins), args, model=self.model)
         self._bound = averaged
         self._signature = None
 
@@ -72,14 +78,11 @@ class TeacherAdapter:
         """Write the averaged weights of step ``t`` into the teacher when the averager moved since the last write."""
         if self._bound is not averaged:
             self.bind(averaged, args)
-        averager = averaged.averager
-        signature = (averager.started_at, averager.last_update_step, averager.num_updates)
+        signature = averaged.version  # as submitted: the update itself may still be running
         if signature == self._signature:
             return False
         assert self.layout is not None
-        values = averaged.average_local(t)
-        live = self.layout.local_tensors()
-        self.layout.write_local([v.to(dtype=x.dtype, device=x.device) for v, x in zip(values, live, strict=True)])
+        self.layout.write_local(averaged.average_local(t))  # waits for it
         self._signature = signature
         return True
 

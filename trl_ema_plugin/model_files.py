@@ -1,4 +1,7 @@
-"""Write averaged weights in the format the model was trained in: a PEFT adapter, or a full model."""
+"""The model files of averaged weights, in the format the model trains in: a PEFT adapter, or a full model.
+
+(The ``ema-export`` command, which copies or merges them afterwards, is :mod:`trl_ema_plugin.cli.export`.)
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .model_helpers import is_peft_model, is_sharded
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "active_adapter")
 
 
 def write_averaged_weights(
@@ -37,7 +38,7 @@ def write_averaged_weights(
         save_file(adapter_state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         model.peft_config[adapter_name].save_pretrained(str(folder))
         return
-    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+    if any(is_sharded(p) for p in model.parameters()):
         _write_partitioned_full_model(model, averaged, folder)
         return
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
@@ -59,12 +60,12 @@ def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _write_partitioned_full_model(model: nn.Module, averaged: dict[str, Tensor], folder: Path) -> None:
-    """ZeRO-3 full fine-tuning: ``model.state_dict()`` holds empty partitions, so write the gathered tensors
-    (in the model's dtype, as the unpartitioned branch; tied weights are written once and re-tied on load)."""
+    """ZeRO-3 / FSDP2 full fine-tuning: ``model.state_dict()`` holds partitions or shards, so write the gathered
+    tensors (in the model's dtype, as the unsharded branch; tied weights are written once and re-tied on load)."""
     frozen = [n for n, _ in model.named_parameters() if n not in averaged]
     if frozen:
         raise ValueError(
-            f"cannot export a full model under ZeRO-3 when some parameters are frozen (e.g. {frozen[0]!r}): "
+            f"cannot export a full model under ZeRO-3 or FSDP2 when some parameters are frozen (e.g. {frozen[0]!r}): "
             "their partitions are not gathered; train a PEFT adapter, or unfreeze every parameter"
         )
     dtypes = {n: getattr(p, "ds_tensor", p).dtype for n, p in model.named_parameters()}

@@ -1,6 +1,15 @@
-"""The one collective the sharded layouts need: gather equal-size 1-D pieces from every rank."""
+"""The torch.distributed questions the plugin asks, and the two collectives its sharded layouts need.
+
+* is there a process group, of how many processes (:func:`world_size`), and which one writes files
+  (:func:`is_writer`);
+* where a tensor must be to take part in a collective (:func:`communication_device`);
+* gather equal-size 1-D pieces from every rank (:func:`all_gather_rows`), OR flags over the ranks
+  (:func:`all_reduce_max_flags`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -8,6 +17,27 @@ from torch import Tensor
 
 #: backends that take CPU tensors as they are ("ccl" is DeepSpeed's CPU backend, oneCCL)
 _CPU_BACKENDS = {"gloo", "mpi", "ccl"}
+
+
+def has_process_group() -> bool:
+    """Whether a torch.distributed process group is initialised in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Processes in ``group`` (default: the world); 1 without a process group."""
+    return dist.get_world_size(group) if has_process_group() else 1
+
+
+def is_writer(state: Any) -> bool:
+    """Whether this process writes shared files: global rank 0 when a process group exists.
+
+    ``state.is_world_process_zero`` (a ``TrainerState``) is the trainer's view; the process group is
+    checked first so that two processes can never both write (and race on the same folder).
+    """
+    if has_process_group():
+        return dist.get_rank() == 0
+    return bool(state.is_world_process_zero)
 
 
 def communication_device(device: torch.device, group: dist.ProcessGroup | None = None) -> torch.device:
