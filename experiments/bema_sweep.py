@@ -75,7 +75,20 @@ def tuning_settings(steps: int) -> dict[str, dict[str, Any]]:
     grid["bema_gT"] = {**TRL_BEMA, "multiplier": steps / 60}  # γ scaled by the run length (γ = 1 at 60 steps)
     grid["bema_eta0.5_gT"] = {**TRL_BEMA, "bias_power": 0.5, "multiplier": steps / 60}
     grid["bema_k1_eta1_rho1"] = {**TRL_BEMA, "ema_power": 1.0, "bias_power": 1.0, "lag": 1}  # the OU-MLE form
+    # Added after the protocol (seed 100's 60-step run had been evaluated): α_t faded linearly to 0 at
+    # the last step (bias_horizon = T), so that θ̂_T = EMA_T where the decayed learning rate has stopped the drift.
+    grid["bema_fade"] = {**TRL_BEMA, "bias_horizon": steps}
+    for kappa in (0.3, 0.7):
+        grid[f"bema_k{kappa}_fade"] = {**TRL_BEMA, "ema_power": kappa, "bias_horizon": steps}
     return grid
+
+
+#: The settings evaluated first (CPU time): the references, one or two of each group, the fades.
+TUNING_CORE = (
+    RAW, *REFERENCE_AVERAGERS, "bema_trl", "bema_eta0.3", "bema_eta0.5", "bema_eta1.0", "bema_k0.3_eta0.3",
+    "bema_k0.7_eta0.3", "bema_rho50", "bema_u10", "bema_n20_updates", "bema_gT", "bema_floor0.05",
+    "bema_k1_eta1_rho1", "bema_fade", "bema_k0.3_fade", "bema_k0.7_fade",
+)  # fmt: skip
 
 
 #: The setting chosen by the tuning stage (filled in from the tuning results; see docs/evidence.md).
@@ -101,9 +114,13 @@ class Stage:
     name: str
     runs: tuple[RecordedRun, ...]
     n_eval: int
+    core_only: bool = False
 
     def settings(self, steps: int) -> dict[str, dict[str, Any]]:
-        return tuning_settings(steps) if self.name == "tuning" else replication_settings(steps)
+        if self.name != "tuning":
+            return replication_settings(steps)
+        grid = tuning_settings(steps)
+        return {n: s for n, s in grid.items() if n in TUNING_CORE} if self.core_only else grid
 
     def eval_steps(self, steps: int) -> list[int]:
         if self.name == "tuning":
@@ -164,12 +181,14 @@ def _log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def run_stage(stage: Stage, data: Path, wait: bool = True) -> None:
+def run_stage(
+    stage: Stage, data: Path, wait: bool = True, record_only: bool = False, evaluate_only: bool = False
+) -> None:
     """Record every run of ``stage``, then evaluate every (setting, step) not cached yet; resumable."""
     while True:
         busy = False
         for run in stage.runs:
-            if is_recorded(data / "trajectories", run):
+            if evaluate_only or is_recorded(data / "trajectories", run):
                 continue
             lock = data / "locks" / f"record-{run.run_id}"
             if not claim(lock):
@@ -181,6 +200,11 @@ def run_stage(stage: Stage, data: Path, wait: bool = True) -> None:
                 _log(f"recorded {run.run_id}")
             finally:
                 lock.unlink(missing_ok=True)
+        if record_only:
+            if not busy or not wait:
+                return
+            time.sleep(60)
+            continue
         for run in stage.runs:
             if not is_recorded(data / "trajectories", run):
                 busy = True
@@ -231,7 +255,8 @@ def status(stage: Stage, data: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Issue 11: BEMA settings, recorded once and averaged offline.")
-    parser.add_argument("command", choices=("run", "status", "report"))
+    parser.add_argument("command", choices=("run", "record", "evaluate", "status", "report"))
+    parser.add_argument("--grid", choices=("core", "full"), default="full", help="tuning: the core settings only")
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="trajectories and results (outside git)")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="where the report's tables and plots go")
@@ -243,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     stage = stage_named(args.stage)
-    if args.command == "run":
-        run_stage(stage, args.data)
+    if args.grid == "core":
+        stage = Stage(stage.name, stage.runs, stage.n_eval, core_only=True)
+    if args.command in ("run", "record", "evaluate"):
+        run_stage(stage, args.data, wait=args.command != "evaluate", record_only=args.command == "record",
+                  evaluate_only=args.command == "evaluate")  # fmt: skip
         return 0
     if args.command == "status":
         print(status(stage, args.data))

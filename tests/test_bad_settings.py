@@ -36,7 +36,7 @@ OUR_PREFIXES = ("weight_averaging", "self_distillation", "dpo_reference")
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 INF, NAN = math.inf, math.nan
 METHODS = "bema | dema | ema | ouema"
-BEMA_TAKES = "bias_power, ema_power, lag, min_ema_multiplier, multiplier"
+BEMA_TAKES = "bias_horizon, bias_power, ema_power, lag, min_ema_multiplier, multiplier"
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,9 @@ class AveragerSpec(SettingsModel):
     lag: float = Field(10, ge=0.0, description="ρ, the schedule's virtual starting age")
     multiplier: float = Field(1.0, gt=0.0, description="γ, steps → schedule time")
     min_ema_multiplier: float = Field(0.0, ge=0.0, le=1.0, description="floor β_min of β_t")
+    bias_horizon: float | None = Field(
+        None, gt=0.0, description="H: α_t fades linearly to 0 at step H (unset: no fade, TRL's α_t)"
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments of a third-party averager"
     )
