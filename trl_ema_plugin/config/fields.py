@@ -166,6 +166,31 @@ def allowed_values(model: type[BaseModel], name: str) -> str:
         return " | ".join(listed)
     info = model.model_fields[name]
     annotation = strip_none(info.annotation)
+    if typing.get_origin(annotation) in (Union, types.UnionType):  # e.g. a number of steps, or "max_steps"
+        text = " | ".join(
+            _describe(typing.get_args(a)[0] if _is_annotated(a) else a, _metadata(a))
+            for a in typing.get_args(annotation)
+        )
+    else:
+        text = _describe(annotation, info.metadata)
+    if info.annotation is not annotation:  # Optional
+        text = f"{text}, or unset"
+    return text
+
+
+def _is_annotated(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is typing.Annotated
+
+
+def _metadata(annotation: Any) -> list[Any]:
+    """The constraints of ``Annotated[x, Field(gt=0)]``."""
+    if not _is_annotated(annotation):
+        return []
+    return [m for extra in typing.get_args(annotation)[1:] for m in getattr(extra, "metadata", [extra])]
+
+
+def _describe(annotation: Any, metadata: list[Any]) -> str:
+    """``number > 0.0``, ``true | false``, ``a | b``: one type and its bounds."""
     origin = typing.get_origin(annotation)
     if annotation is bool:
         text = "true | false"
@@ -179,11 +204,9 @@ def allowed_values(model: type[BaseModel], name: str) -> str:
         text = f"list of {typing.get_args(annotation)[0].__name__} mappings"
     else:
         text = getattr(annotation, "__name__", str(annotation))
-    bounds = [f"{sign} {getattr(m, attr)}" for m in info.metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
-    if any(isinstance(m, annotated_types.MinLen) and m.min_length == 1 for m in info.metadata):
+    bounds = [f"{sign} {getattr(m, attr)}" for m in metadata for cls, attr, sign in _BOUNDS if isinstance(m, cls)]
+    if any(isinstance(m, annotated_types.MinLen) and m.min_length == 1 for m in metadata):
         text = f"non-empty {text}"
     if bounds:
         text = f"{text} {' and '.join(bounds)}"
-    if info.annotation is not annotation:  # Optional
-        text = f"{text}, or unset"
     return text

@@ -90,7 +90,7 @@ class WeightAveragingCallback(PluginCallback):
         schedule = choose_schedule(layout, self.config.offload, engine_restores_model(args, self.model))
         self.runner = build_runner(schedule, layout, device)  # shared: θ_t is read once per step for all averagers
         self.weights = {
-            spec.label: AveragedWeights(spec, layout, device, moves, runner=self.runner)
+            spec.label: AveragedWeights(spec.for_run(self.run_max_steps), layout, device, moves, runner=self.runner)
             for spec in self.config.averagers
         }
 

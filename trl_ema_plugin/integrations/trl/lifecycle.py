@@ -62,6 +62,7 @@ class PluginCallback(TrainerCallback):
         self.model: nn.Module | None = None  # the unwrapped model, set up at train begin
         self.trainer: Any = None  # set by attach()
         self.resume_from_checkpoint: str | bool | None = None  # set by attach()
+        self.run_max_steps = 0  # the trainer's max_steps, set at train begin (for bias_horizon="max_steps")
 
     @classmethod
     def build_config(cls, **fields: Any) -> Any:
@@ -81,6 +82,7 @@ class PluginCallback(TrainerCallback):
         model: nn.Module = None,
         **kwargs: Any,
     ) -> None:
+        self.run_max_steps = state.max_steps
         self.check_run(args, state)
         self.setup(model, args)
         self.resume(args, state)
