@@ -107,8 +107,10 @@ def complete(results: StageResults, stage: Any, run: RecordedRun) -> bool:
 
 
 # ------------------------------------------------------------------------------ tuning
-def _mean(values: list[float]) -> float:
-    return statistics.mean(values) if values else float("nan")
+def _mean(values: list[float | None]) -> float:
+    """The mean of the values that exist (a run not evaluated yet is None), else nan."""
+    present = [v for v in values if v is not None]
+    return statistics.mean(present) if present else float("nan")
 
 
 def tuning_rows(results: StageResults, stage: Any) -> list[dict[str, Any]]:
