@@ -51,14 +51,16 @@ class Decay:
 
 @dataclass(frozen=True)
 class Schedule:
-    """β_t = max((ρ + γ·t)^−κ, β_min) and α_t = (ρ + γ·t)^−η, t the absolute step, ρ + γ·t clamped at 1
-    (ρ = lag, γ = multiplier, κ = ema_power, η = bias_power, β_min = min_ema_multiplier)."""
+    """β_t = max((ρ + γ·t)^−κ, β_min) and α_t = (ρ + γ·t)^−η · max(0, 1 − t/H), t the absolute step,
+    ρ + γ·t clamped at 1 (ρ = lag, γ = multiplier, κ = ema_power, η = bias_power, β_min = min_ema_multiplier,
+    H = bias_horizon; without H the last factor is 1)."""
 
     lag: float = 10.0
     multiplier: float = 1.0
     ema_power: float = 0.5
     bias_power: float = 0.2
     min_ema_multiplier: float = 0.0
+    bias_horizon: float | None = None
 
     def base(self, t: int) -> float:
         return max(self.lag + self.multiplier * t, 1.0)
@@ -67,7 +69,8 @@ class Schedule:
         return max(self.base(t) ** -self.ema_power, self.min_ema_multiplier)
 
     def alpha(self, t: int) -> float:
-        return self.base(t) ** -self.bias_power
+        fade = 1.0 if self.bias_horizon is None else max(0.0, 1.0 - t / self.bias_horizon)
+        return self.base(t) ** -self.bias_power * fade
 
 
 class _Run:

@@ -80,6 +80,17 @@ def test_bema_min_ema_multiplier_floors_beta():
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("at", [5, 8, 12])  # before, at and after the horizon H = 8
+def test_bema_bias_horizon_fades_alpha_to_zero(at):
+    traj = trajectory(at + 1)
+    got = run(BEMA(bias_power=0.3, lag=2, bias_horizon=8), traj, 0, 1)
+    expected = hand("bema", traj, bias_power=0.3, lag=2, bias_horizon=8)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    if at >= 8:  # α_t = 0 from H on: θ̂_t is the EMA alone
+        ema_only = hand("bema", traj, bias_power=0.3, lag=2, bias_horizon=1e-9)
+        torch.testing.assert_close(got.double(), ema_only, rtol=1e-6, atol=1e-6)
+
+
 def test_dema_is_two_ema_minus_ema_of_ema():
     traj = trajectory(7)
     got = run(DEMA(ema_power=0.6, lag=2, multiplier=2.0), traj, 1, 2)
@@ -144,7 +155,7 @@ def test_each_averager_declares_its_settings_and_refuses_others():
     assert (
         BEMA.hyperparameters
         == OUEMA.hyperparameters
-        == ("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier")
+        == ("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier", "bias_horizon")
     )
     assert DEMA.hyperparameters == ("ema_power", "lag", "multiplier", "min_ema_multiplier")  # no α_t, no η
     assert BEMA.output_reads_last_update and not DEMA.output_reads_last_update

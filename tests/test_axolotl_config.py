@@ -169,7 +169,7 @@ BAD = {
         {"weight_averaging": "bema", "weight_averaging_decay": 0.9},
         [
             "weight_averaging_decay=0.9: does not apply to weight_averaging='bema'",
-            "(allowed: weight_averaging_bias_power",
+            "(allowed: weight_averaging_bias_horizon, weight_averaging_bias_power",
         ],
     ),
     "out of range": (

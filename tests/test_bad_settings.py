@@ -39,7 +39,7 @@ OUR_PREFIXES = ("weight_averaging", "self_distillation", "rl_reference", "dpo_re
 AXOLOTL_MISSING = "could not import 'axolotl': Axolotl's config validation runs on the axolotl stack only"
 INF, NAN = math.inf, math.nan
 METHODS = "bema | dema | ema | ouema | power_ema"
-BEMA_TAKES = "bias_power, ema_power, lag, min_ema_multiplier, multiplier"
+BEMA_TAKES = "bias_horizon, bias_power, ema_power, lag, min_ema_multiplier, multiplier"
 SIGMA_RELS = "non-empty list of numbers > 0.0 and ≤ 0.2886751345948129"
 
 
@@ -157,6 +157,9 @@ PYTHON: dict[str, PythonBad] = {
     "wa: multiplier -inf": wa("multiplier", -INF, "number > 0.0", "finite", method="bema", multiplier=-INF),
     "wa: min_ema_multiplier 1.5": wa("min_ema_multiplier", 1.5, "≤ 1.0", method="bema", min_ema_multiplier=1.5),
     "wa: min_ema_multiplier negative": wa("min_ema_multiplier", -0.1, "≥ 0.0", method="dema", min_ema_multiplier=-0.1),
+    "wa: bias_horizon 0": wa("bias_horizon", 0, "number > 0.0 | max_steps", method="bema", bias_horizon=0),
+    "wa: bias_horizon 'max'": wa("bias_horizon", "max", "number > 0.0 | max_steps", method="bema", bias_horizon="max"),
+    "wa: bias_horizon with dema": wa("bias_horizon", 60.0, "ema_power", method="dema", bias_horizon=60),
     # ------------------------------------------------------------------ name and options
     "wa: name with a space": wa("name", "my ema", "[A-Za-z0-9_.-]", method="ema", name="my ema"),
     "wa: empty name": wa("name", "", "[A-Za-z0-9_.-]", method="ema", name=""),
@@ -361,6 +364,7 @@ YAML: dict[str, YamlBad] = {
     "decay 1e-3 (a YAML string)": y(WA + "weight_averaging_decay: 1e-3", "weight_averaging_decay", "1e-3", "number > 0.0", "write 1.0e-3"),
     "decay .inf": y(WA + "weight_averaging_decay: .inf", "weight_averaging_decay", INF, "number > 0.0 and < 1.0", "finite"),
     "decay .nan": y(WA + "weight_averaging_decay: .nan", "weight_averaging_decay", NAN, "number > 0.0 and < 1.0", "finite"),
+    "bias_horizon max": y("weight_averaging: bema\nweight_averaging_bias_horizon: max", "weight_averaging_bias_horizon", "max", "max_steps"),
     "lag -.inf": y("weight_averaging: bema\nweight_averaging_lag: -.inf", "weight_averaging_lag", -INF, "number ≥ 0.0", "finite"),
     "update_every true": y(WA + "weight_averaging_update_every: true", "weight_averaging_update_every", True, "integer ≥ 1", "got a bool"),
     "update_every 2.5": y(WA + "weight_averaging_update_every: 2.5", "weight_averaging_update_every", 2.5, "integer ≥ 1"),

@@ -23,7 +23,10 @@ from trl_ema_plugin.config.distillation import SelfDistillationConfig
         ({"method": "bema", "min_ema_multiplier": 2}, r"min_ema_multiplier"),
         ({"method": "ema", "inv_gamma": 0, "use_ema_warmup": True}, r"inv_gamma"),
         ({"method": "bema", "update_every": 2, "update_freq": 2}, r"update_every=2, update_freq=2: .* not both"),
-        ({"method": "bema", "decay": 0.9}, r"decay=0.9: does not apply to method='bema' \(allowed: bias_power"),
+        (
+            {"method": "bema", "decay": 0.9},
+            r"decay=0.9: does not apply to method='bema' \(allowed: bias_horizon, bias_power",
+        ),
         ({"method": "ema", "ema_power": 0.5}, r"ema_power=0.5: does not apply to method='ema'"),
         ({"method": "ema", "name": "has space"}, r"name='has space'"),
         ({"method": "ema", "unknown_key": 1}, r"unknown_key"),

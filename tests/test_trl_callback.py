@@ -69,6 +69,21 @@ def test_adapter_average_matches_hand_computation(tmp_path, kind):
         assert torch.equal(trained[key], value), name
 
 
+def test_bias_horizon_max_steps_fades_alpha_to_zero_at_the_runs_last_step(tmp_path):
+    """``bias_horizon="max_steps"`` becomes the trainer's max_steps: α_T = 0, θ̂_T is BEMA's EMA alone."""
+    recorder = WeightRecorder()
+    faded = {**BEMA_KW, "bias_horizon": "max_steps"}
+    callback = WeightAveragingCallback(averagers=[{**faded, "name": "faded"}, {**BEMA_KW, "name": "trl"}], eval=False)
+    sft_trainer(str(tmp_path), [recorder, callback], max_steps=6).train()
+    assert callback.weights["faded"].spec.bias_horizon == 6.0  # what its checkpoints keep
+    expected = oracles.averaged(recorder.weights, {**BEMA_KW, "bias_horizon": 6})
+    assert_close_to_hand(callback.averaged_tensors("faded"), expected)
+    ema_alone = oracles.averaged(recorder.weights, {**BEMA_KW, "bias_power": 1e9})  # α_t = 0 at every step
+    assert_close_to_hand(callback.averaged_tensors("faded"), ema_alone)
+    trl = callback.averaged_tensors("trl")
+    assert any(not torch.allclose(trl[n], ema_alone[n].float()) for n in trl), "TRL's α_T is not 0"
+
+
 def test_several_averagers_in_one_run(tmp_path):
     recorder = WeightRecorder()
     ema_fast = {"name": "ema_fast", "method": "ema", "decay": 0.5, "update_after": 1, "update_every": 2}

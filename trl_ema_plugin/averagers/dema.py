@@ -12,7 +12,7 @@ from .schedules import BEMASchedule, field_names, schedule_for
 class DEMA(Averager):
     r"""θ̂_t = 2·EMA_t − EMA²_t,  EMA_t = lerp(EMA_{t−1}, θ_t, β_t),  EMA²_t = lerp(EMA²_{t−1}, EMA_t, β_t)
 
-    β_t as in BEMA (:class:`.schedules.BEMASchedule`; α_t and so ``bias_power`` are not used). Both
+    β_t as in BEMA (:class:`.schedules.BEMASchedule`; α_t and so ``bias_power`` and ``bias_horizon`` are not used). Both
     EMAs start at θ at ``update_after``. Formula from the BEMA authors' ``src/core_offline.py``
     (github abblock/bema, class ``DEMA``); names follow TRL's BEMA (their ``ema_gamma`` is our
     ``multiplier``, ``scaling_lag`` our ``lag``). An update is two ``lerp`` passes.
@@ -21,7 +21,7 @@ class DEMA(Averager):
     """
 
     buffer_names = ("ema", "ema_of_ema")
-    hyperparameters = tuple(n for n in field_names(BEMASchedule) if n != "bias_power")
+    hyperparameters = tuple(n for n in field_names(BEMASchedule) if n not in ("bias_power", "bias_horizon"))
     flat_math = True
 
     def __init__(self, **schedule: float) -> None:

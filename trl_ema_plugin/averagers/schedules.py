@@ -4,7 +4,11 @@ Notation of the BEMA paper (arXiv 2508.00180), as TRL's ``BEMACallback`` compute
 with t the absolute optimizer step (``global_step``), not t − τ:
 
     β_t = max((ρ + γ·t)^(−κ), β_min)     EMA step size   (κ = ema_power, β_min = min_ema_multiplier)
-    α_t = (ρ + γ·t)^(−η)                 bias-correction (η = bias_power)
+    α_t = (ρ + γ·t)^(−η) · f_t           bias-correction (η = bias_power)
+    f_t = max(0, 1 − t/H), or 1          fade of α_t to 0 at step H (H = bias_horizon, unset: f_t = 1)
+
+The fade is ours, not the paper's nor TRL's: with a learning rate that decays to 0 the weights stop
+drifting at the end of the run, and any α_t > 0 then extrapolates θ̂ past θ_T (docs/evidence.md, issue 11).
 
 ρ = ``lag``, γ = ``multiplier``. The base ρ + γ·t is clamped at 1 so that β_t, α_t ≤ 1
 (TRL would raise ``ZeroDivisionError`` at ρ + γ·t = 0).
@@ -29,9 +33,12 @@ def ema_step_size(t: int, lag: float, multiplier: float, ema_power: float, min_e
     return max(schedule_base(t, lag, multiplier) ** (-ema_power), min_ema_multiplier)
 
 
-def bias_correction(t: int, lag: float, multiplier: float, bias_power: float) -> float:
-    """α_t = (ρ + γ·t)^(−η)."""
-    return schedule_base(t, lag, multiplier) ** (-bias_power)
+def bias_correction(
+    t: int, lag: float, multiplier: float, bias_power: float, bias_horizon: float | None = None
+) -> float:
+    """α_t = (ρ + γ·t)^(−η) · max(0, 1 − t/H), the last factor only with a horizon H."""
+    fade = 1.0 if bias_horizon is None else max(0.0, 1.0 - t / bias_horizon)
+    return schedule_base(t, lag, multiplier) ** (-bias_power) * fade
 
 
 def warmup_decay(n: int, decay: float, inv_gamma: float, power: float) -> float:
@@ -41,10 +48,11 @@ def warmup_decay(n: int, decay: float, inv_gamma: float, power: float) -> float:
 
 @dataclass(frozen=True)
 class BEMASchedule:
-    """The schedule of BEMA, DEMA and OUEMA: β_t = max((ρ + γ·t)^(−κ), β_min) and α_t = (ρ + γ·t)^(−η).
+    """The schedule of BEMA, DEMA and OUEMA: β_t = max((ρ + γ·t)^(−κ), β_min), α_t = (ρ + γ·t)^(−η)·f_t.
 
     Field names and defaults are TRL ``BEMACallback``'s: ``ema_power`` κ, ``bias_power`` η,
-    ``lag`` ρ, ``multiplier`` γ, ``min_ema_multiplier`` β_min.
+    ``lag`` ρ, ``multiplier`` γ, ``min_ema_multiplier`` β_min; ``bias_horizon`` H is ours
+    (f_t = max(0, 1 − t/H); unset: f_t = 1, TRL's α_t).
     """
 
     ema_power: float = 0.5
@@ -52,6 +60,7 @@ class BEMASchedule:
     lag: float = 10
     multiplier: float = 1.0
     min_ema_multiplier: float = 0.0
+    bias_horizon: float | None = None
 
     def beta(self, t: int) -> float:
         """β_t, the EMA step size at step t."""
@@ -59,7 +68,7 @@ class BEMASchedule:
 
     def alpha(self, t: int) -> float:
         """α_t, the bias-correction weight at step t."""
-        return bias_correction(t, self.lag, self.multiplier, self.bias_power)
+        return bias_correction(t, self.lag, self.multiplier, self.bias_power, self.bias_horizon)
 
 
 @dataclass(frozen=True)

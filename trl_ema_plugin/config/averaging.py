@@ -6,16 +6,17 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from ..averagers.power import SIGMA_REL_MAX
 from ..averagers.registry import averager_class, hyperparameter_names, registered_methods
 from .errors import NO_VALUE, SettingError, SettingsModel, did_you_mean, unknown_key
-from .fields import keywords
+from .fields import allowed_values, keywords
 
 #: Defaults of every averager hyper-parameter. BEMA/DEMA/OUEMA take TRL's ``BEMACallback``
 #: defaults (``update_freq=400``), EMA and the power-function EMA update every step.
@@ -24,6 +25,8 @@ TRL_DEFAULT_UPDATE_EVERY = 400
 #: the fields of an ``AveragerSpec`` that every method takes (the others are hyper-parameters of some)
 FIELDS_OF_EVERY_METHOD = frozenset({"method", "name", "update_every", "update_after", "options"})
 AVERAGER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: ``bias_horizon`` that becomes the run's last step (``TrainerState.max_steps``) when training begins
+RUN_LENGTH = "max_steps"
 
 
 def applicable_fields(method: str) -> set[str]:
@@ -109,6 +112,9 @@ class AveragerSpec(SettingsModel):
     lag: float = Field(10, ge=0.0, description="ρ, the schedule's virtual starting age")
     multiplier: float = Field(1.0, gt=0.0, description="γ, steps → schedule time")
     min_ema_multiplier: float = Field(0.0, ge=0.0, le=1.0, description="floor β_min of β_t")
+    bias_horizon: Annotated[float, Field(gt=0.0)] | Literal["max_steps"] | None = Field(
+        None, description="H: α_t fades linearly to 0 at step H; max_steps: the run's last step (unset: TRL's α_t)"
+    )
     # power-function EMA (EDM2)
     sigma_rel: float = Field(
         0.05, gt=0.0, le=SIGMA_REL_MAX, description="relative width σ_rel of the power-function EMA (EDM2: 0.05, 0.10)"
@@ -142,6 +148,20 @@ class AveragerSpec(SettingsModel):
         if method not in registered_methods():
             raise unknown_choice("method", method, registered_methods(), "a registered averager")
         return method
+
+    @field_validator("bias_horizon", mode="before")
+    @classmethod
+    def _steps_or_run_length(cls, horizon: Any) -> Any:
+        """A number of steps > 0, ``"max_steps"`` or unset; one message for anything else (not one per type)."""
+        number = isinstance(horizon, int | float) and not isinstance(horizon, bool)
+        if horizon is None or horizon == RUN_LENGTH or (number and math.isfinite(horizon) and horizon > 0):
+            return float(horizon) if number else horizon
+        raise SettingError(
+            "not a number of steps > 0 nor max_steps",
+            field="bias_horizon",
+            value=horizon,
+            allowed=allowed_values(cls, "bias_horizon"),
+        )
 
     @field_validator("name")
     @classmethod
@@ -204,6 +224,19 @@ class AveragerSpec(SettingsModel):
         values = {n: getattr(self, n) for n in names if n in type(self).model_fields}
         return {**values, **self.options}
 
+    def for_run(self, max_steps: int) -> AveragerSpec:
+        """This spec with ``bias_horizon="max_steps"`` set to the run's ``max_steps`` (other specs as they are)."""
+        if self.bias_horizon != RUN_LENGTH:
+            return self
+        if max_steps <= 0:
+            raise SettingError(
+                f"needs the run's length, but the trainer reports max_steps={max_steps}",
+                field="bias_horizon",
+                value=RUN_LENGTH,
+                allowed="a number of steps > 0, or max_steps in a run whose length is known",
+            )
+        return self.model_copy(update={"bias_horizon": float(max_steps)})
+
     def build(self, live_weights_may_move: bool = False):  # -> Averager
         """Instantiate the averager this spec describes.
 
@@ -211,6 +244,10 @@ class AveragerSpec(SettingsModel):
         live weights can differ from that θ: updates sparser than steps, or ``live_weights_may_move``
         (the trainer loads the best checkpoint's weights at the end).
         """
+        if self.bias_horizon == RUN_LENGTH:
+            raise ValueError(
+                f"bias_horizon={RUN_LENGTH!r} is the run's length: build the averager of spec.for_run(max_steps)"
+            )
         cls = averager_class(self.method)
         kwargs = self.hyperparameters()
         if cls.output_reads_last_update:

@@ -182,6 +182,23 @@ def allowed_values(model: type[BaseModel], name: str) -> str:
         return " | ".join(listed)
     info = model.model_fields[name]
     annotation = strip_none(info.annotation)
+    if typing.get_origin(annotation) in (Union, types.UnionType):  # e.g. a number of steps, or "max_steps"
+        text = " | ".join(_describe_member(a) for a in typing.get_args(annotation))
+    else:
+        text = _describe(annotation, info.metadata)
+    if info.annotation is not annotation:  # Optional
+        text = f"{text}, or unset"
+    return text
+
+
+def _describe_member(annotation: Any) -> str:
+    """One member of a union: ``number > 0.0`` of ``Annotated[float, Field(gt=0)]``, ``max_steps`` of a Literal."""
+    scalar = _scalar(annotation)
+    return _describe(annotation, []) if scalar is None else f"{scalar[0]} {' and '.join(_bounds(scalar[1]))}".rstrip()
+
+
+def _describe(annotation: Any, metadata: list[Any]) -> str:
+    """``number > 0.0``, ``true | false``, ``a | b``: one type and its bounds."""
     origin = typing.get_origin(annotation)
     if annotation is bool:
         text = "true | false"
@@ -198,11 +215,9 @@ def allowed_values(model: type[BaseModel], name: str) -> str:
         text = " ".join([f"list of {item}s", " and ".join(_bounds(constraints))]).rstrip()
     else:
         text = getattr(annotation, "__name__", str(annotation))
-    bounds = _bounds(info.metadata)
-    if any(isinstance(m, annotated_types.MinLen) and m.min_length == 1 for m in info.metadata):
+    bounds = _bounds(metadata)
+    if any(isinstance(m, annotated_types.MinLen) and m.min_length == 1 for m in metadata):
         text = f"non-empty {text}"
     if bounds:
         text = f"{text} {' and '.join(bounds)}"
-    if info.annotation is not annotation:  # Optional
-        text = f"{text}, or unset"
     return text

@@ -88,7 +88,9 @@ class WeightAveragingCallback(PluginCallback):
         # the trainer loads the best checkpoint before on_train_end: the export must not read those weights as θ_T
         moves = bool(getattr(args, "load_best_model_at_end", False))
         self.weights = {
-            spec.label: AveragedWeights(spec, layout, device, moves, self.runner, self.config.on_nonfinite)
+            spec.label: AveragedWeights(
+                spec.for_run(self.run_max_steps), layout, device, moves, self.runner, self.config.on_nonfinite
+            )
             for spec in self.config.averagers
         }
 

@@ -84,6 +84,7 @@ class PluginCallback(TrainerCallback):
         self._state_sources: dict[str, Path] = {}  # folder → where resume read it
         self._own_metrics: dict[str, list[float]] = defaultdict(list)
         self._uneven_skips: set[str] = set()  # averagers whose ranks skipped different updates (warned once)
+        self.run_max_steps = 0  # the trainer's max_steps, set at train begin (for bias_horizon="max_steps")
 
     @classmethod
     def build_config(cls, **fields: Any) -> Any:
@@ -135,6 +136,7 @@ class PluginCallback(TrainerCallback):
         self._writer = is_writer(state)
         self._training = True
         self._staged_step = None
+        self.run_max_steps = state.max_steps
         self.check_run(args, state)
         self.setup(model, args)
         self.resume(args, state)

@@ -180,7 +180,7 @@ class AveragedReferenceCallback(PluginCallback):
             return
         schedule = choose_schedule(self.policy, self.config.offload, engine_restores_model(args, model))
         runner = build_runner(schedule, self.policy, device)
-        self.weights = AveragedWeights(spec, self.policy, device, runner=runner)
+        self.weights = AveragedWeights(spec.for_run(self.run_max_steps), self.policy, device, runner=runner)
 
     def runners(self) -> list[UpdateRunner]:
         return [] if self.weights is None else [self.weights.runner]
