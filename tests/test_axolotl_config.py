@@ -452,7 +452,7 @@ def test_every_reference_key_has_its_earlier_spelling():
     canonical = [k for k in RL_REFERENCE.keys if k.startswith("rl_reference_")]
     earlier = [k for k in RL_REFERENCE.keys if k.startswith("dpo_reference_")]
     # all but the switch's method (18 since power_ema brought sigma_rel)
-    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 18
+    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 19
     for key in earlier:
         same = "rl_reference" + key.removeprefix("dpo_reference")
         assert RL_REFERENCE.keys[key].alias_of == (RL_REFERENCE.keys[same].alias_of or same)
@@ -468,7 +468,7 @@ REFERENCE_BAD = {
     ),
     "key of another method (rl_reference)": (
         {"rl_reference": "bema", "rl_reference_decay": 0.5},
-        "rl_reference_decay=0.5: does not apply to rl_reference='bema' (allowed: rl_reference_bias_power",
+        "rl_reference_decay=0.5: does not apply to rl_reference='bema' (allowed: rl_reference_bias_horizon, rl_reference_bias_power",
     ),
     "switch in both spellings": (
         {"rl_reference": "bema", "dpo_reference": "bema"},
@@ -497,7 +497,7 @@ REFERENCE_BAD = {
     ),
     "earlier key under the new switch": (
         {"rl_reference": "bema", "dpo_reference_decay": 0.5},
-        "dpo_reference_decay=0.5: does not apply to rl_reference='bema' (allowed: rl_reference_bias_power",
+        "dpo_reference_decay=0.5: does not apply to rl_reference='bema' (allowed: rl_reference_bias_horizon, rl_reference_bias_power",
     ),
     "misspelled new key": ({"rl_reference": "ema", "rl_reference_decy": 0.5}, "did you mean rl_reference_decay?"),
     "misspelled new switch": ({"rl_refernce": "ema"}, "did you mean rl_reference?"),
