@@ -345,10 +345,13 @@ def fill_block(page: Path, stage: str, body: str) -> bool:
 
 
 def write_stage_report(stage: Any, data: Path, docs: Path) -> list[Path]:
-    import matplotlib
+    """The stage's table (``docs/bema_<stage>.md`` and its block in ``docs/evidence.md``), then its plot.
 
-    matplotlib.use("Agg")
+    Without matplotlib (the Axolotl stack installs no ``[experiments]`` extra) the tables are written and an
+    ImportError says how to get the plot.
+    """
     from .bema_sweep import CHOSEN_NAME
+    from .report import use_agg_backend
 
     results = load_stage(stage, data)
     if not results.loss:
@@ -356,17 +359,20 @@ def write_stage_report(stage: Any, data: Path, docs: Path) -> list[Path]:
     docs.mkdir(parents=True, exist_ok=True)
     unfinished = [r.run_id for r in stage.runs if not complete(results, stage, r)]
     note = f"\n\nNot finished yet: {', '.join(unfinished)}." if unfinished else ""
-    plot = docs / f"evidence_bema_{stage.name}.png"
     if stage.name == "tuning":
         body, chosen = tuning_markdown(results, stage)
-        plot_tuning(results, stage, chosen, plot)
     else:
-        body = replication_markdown(results, stage, CHOSEN_NAME)
-        plot_replication(results, stage, plot)
+        body, chosen = replication_markdown(results, stage, CHOSEN_NAME), None
     body += note
     table = docs / f"bema_{stage.name}.md"
     table.write_text(f"# BEMA study, {stage.name} stage (generated)\n\n{body}\n")
-    written = [table, plot]
+    written = [table]
     if fill_block(docs / "evidence.md", stage.name, body):
         written.append(docs / "evidence.md")
-    return written
+    use_agg_backend(table)
+    plot = docs / f"evidence_bema_{stage.name}.png"
+    if stage.name == "tuning":
+        plot_tuning(results, stage, chosen, plot)
+    else:
+        plot_replication(results, stage, plot)
+    return [*written, plot]
