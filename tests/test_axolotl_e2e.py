@@ -346,7 +346,7 @@ def test_bad_key_fails_validation_with_our_message(workspace):
         (  # EMA's decay, set on BEMA
             {**cfg, "weight_averaging_lag": lag, "weight_averaging_decay": 0.9},
             "weight_averaging_decay=0.9: does not apply to weight_averaging='bema' (allowed: "
-            "weight_averaging_bias_power, weight_averaging_ema_power, weight_averaging_lag",
+            "weight_averaging_bias_horizon, weight_averaging_bias_power, weight_averaging_ema_power, weight_averaging_lag",
         ),
         (  # misspelled: Axolotl drops keys it does not know, and the run would train with the default lag
             {**cfg, "weight_averagin_lag": lag},
