@@ -12,10 +12,12 @@ import torch
 from ds_common import cpu_training_args
 from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 from trl import BEMACallback
 from trl_helpers import WeightRecorder, lora_config, sft_trainer
 
-from trl_ema_plugin import WeightAveragingCallback, attach
+from trl_ema_plugin import AveragerSpec, ExtrapolationWarning, WeightAveragingCallback, attach
+from trl_ema_plugin.config.advice import long_run_advice
 from trl_ema_plugin.demos.tiny import tiny_llama, tiny_tokenizer
 
 BEMA_KW = dict(method="bema", update_every=1, update_after=2, lag=3.0, multiplier=0.5, ema_power=0.6, bias_power=0.3)
@@ -235,6 +237,39 @@ def test_warns_when_the_settings_mean_no_update(tmp_path):
     callback = WeightAveragingCallback(method="bema")  # TRL's default update_freq=400
     with pytest.warns(UserWarning, match="never update"):
         sft_trainer(str(tmp_path), [callback], max_steps=3).train()
+
+
+class StopAfterFirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def test_warns_when_bema_extrapolates_through_a_long_run(tmp_path):
+    """Told at train begin from max_steps: 100 updates of unfaded BEMA (or OUEMA) warn, with α at the last update
+    and the fixes; a bias_horizon, DEMA, or 99 updates do not."""
+    averagers = [
+        {"name": "bema", "method": "bema", "update_every": 1},  # t = 1..100: 100 updates
+        {"name": "faded", "method": "bema", "update_every": 1, "bias_horizon": "max_steps"},
+        {"name": "dema", "method": "dema", "update_every": 1},
+        {"name": "ouema_99", "method": "ouema", "update_every": 1, "update_after": 1},  # t = 2..100: 99 updates
+        {"name": "ouema", "method": "ouema", "update_every": 2},  # t = 2, 4..100: 50 updates
+    ]
+    callback = WeightAveragingCallback(averagers=averagers, eval=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sft_trainer(str(tmp_path), [callback, StopAfterFirstStep()], max_steps=100).train()
+    told = [str(w.message) for w in caught if issubclass(w.category, ExtrapolationWarning)]
+    assert len(told) == 1, told
+    alpha = (10 + 100) ** -0.2
+    assert "averager 'bema' (bema) updates 100 times in this run of 100 steps" in told[0]
+    assert f"(α_t = {alpha:.2f})" in told[0]
+    assert "bias_horizon='max_steps'" in told[0] and "metric_for_best_model='eval_bema_loss'" in told[0]
+
+
+def test_ouema_extrapolating_a_long_run_points_to_dema():
+    advice = long_run_advice(AveragerSpec(method="ouema", update_every=1), max_steps=240)
+    assert advice is not None and "method='dema'" in advice and "(α_t = 0.33)" in advice
+    assert long_run_advice(AveragerSpec(method="bema"), max_steps=39_999) is None  # TRL's update_freq=400: 99 updates
 
 
 def test_no_trainable_parameters_is_a_clear_error(tmp_path):

@@ -2,6 +2,7 @@
 
 from .averagers import BEMA, DEMA, EMA, OUEMA, Averager, register_averager, registered_methods
 from .config import AveragerSpec, WeightAveragingConfig
+from .config.advice import ExtrapolationWarning
 from .config.distillation import SelfDistillationConfig
 from .config.posthoc import PostHocEMAConfig
 from .config.reference import DPOReferenceConfig, ReferenceConfig
@@ -23,6 +24,7 @@ __all__ = [
     "Averager",
     "AveragerSpec",
     "DPOReferenceConfig",
+    "ExtrapolationWarning",
     "PostHocEMACallback",
     "PostHocEMAConfig",
     "ReferenceConfig",

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ...config import AveragerSpec, WeightAveragingConfig
+from ...config.advice import ExtrapolationWarning, long_run_advice
 from ...distributed import is_writer
 from ...model_files import write_averaged_weights
 from ...model_helpers import unwrap_model
@@ -100,6 +101,7 @@ class WeightAveragingCallback(PluginCallback):
     def check_run(self, args: TrainingArguments, state: TrainerState) -> None:
         self._check_evaluation_path(args)
         self._warn_if_never_updated(state.max_steps)
+        self._warn_if_extrapolating_a_long_run(state.max_steps)
 
     def start(self, global_step: int) -> None:
         self._step = global_step
@@ -135,6 +137,18 @@ class WeightAveragingCallback(PluginCallback):
                 self.warn(
                     f"averager {spec.label!r} will never update: {reason}; its output stays the weights of step "
                     f"{spec.update_after}. Lower update_every (alias update_freq)."
+                )
+
+    def _warn_if_extrapolating_a_long_run(self, max_steps: int) -> None:
+        for spec in self.config.averagers:
+            advice = long_run_advice(spec, max_steps)
+            if advice is not None:
+                label = spec.label
+                self.warn(
+                    f"{advice}. Evaluate both (eval_loss and eval_{label}_loss; metric_for_best_model="
+                    f"'eval_{label}_loss' selects checkpoints by the average) and keep the better. "
+                    "warnings.filterwarnings('ignore', category=trl_ema_plugin.ExtrapolationWarning) silences this.",
+                    ExtrapolationWarning,
                 )
 
     # ----------------------------------------------------------------- steps

@@ -321,9 +321,9 @@ class PluginCallback(TrainerCallback):
             remove_stale_scratch(args.output_dir, None, self.checkpoint_folders())
 
     # ------------------------------------------------------------------ warnings
-    def warn(self, message: str) -> None:
-        """A ``UserWarning`` for the user at the console, and the same line in the run's log."""
-        warnings.warn(message, UserWarning, stacklevel=3)
+    def warn(self, message: str, category: type[UserWarning] = UserWarning) -> None:
+        """A ``UserWarning`` (or ``category``) for the user at the console, and the same line in the run's log."""
+        warnings.warn(message, category, stacklevel=3)
         logging.getLogger(type(self).__module__).warning(message)
 
     def report_skips(self, averaged: list[AveragedWeights], prefix: str, control: TrainerControl) -> None:
