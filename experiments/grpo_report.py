@@ -136,19 +136,18 @@ def plot_grpo(results: list[dict[str, Any]], path: Path) -> None:
         (axes[1, 1], "KL(π ‖ own reference), TRL's logged kl", lambda r: r["curves"].get("kl", [])),
     ]
     for ax, title, curve_of in panels:
-        for run in trained:
+        for index, run in enumerate(trained):
+            color = f"C{index}"  # one colour per variant in every panel
             if curve_of is None:
                 for key, style in zip(PARTS, ("-", "--"), strict=True):
-                    line = ax.plot(*moving_average(run["curves"].get(key, [])), linestyle=style, label=run["label"])
-                    line[0].set_label(run["label"] if style == "-" else "_nolegend_")
+                    label = run["label"] if style == "-" else "_nolegend_"
+                    ax.plot(*moving_average(run["curves"].get(key, [])), linestyle=style, color=color, label=label)
                 continue
             curve = curve_of(run)
             if not curve:
                 continue
-            (line,) = ax.plot(*moving_average(curve), label=run["label"])
-            ax.plot(
-                *zip(*curve, strict=True), linestyle="none", marker=".", markersize=2, color=line.get_color(), alpha=0.3
-            )
+            ax.plot(*moving_average(curve), color=color, label=run["label"])
+            ax.plot(*zip(*curve, strict=True), linestyle="none", marker=".", markersize=2, color=color, alpha=0.3)
         ax.set(xlabel="optimizer step", title=title)
         ax.legend(fontsize=8)
     fig.suptitle(f"(d) GRPO on SmolLM2-135M, stdlib code reward ({SMOOTH}-step moving average; dots: per step)")
