@@ -1,4 +1,4 @@
-"""Settings that the evidence advises against, told at train begin when the run's length shows them.
+"""Settings that the run's length shows to be useless or harmful, told at train begin.
 
 The numbers come from the LoRA study of docs/evidence.md ("BEMA settings that help LoRA runs (issue 11)"):
 SmolLM2-135M, LoRA r=8, lr 2e-4 with linear decay, ``update_every=1``, 3 tuning seeds per run length.
@@ -19,6 +19,16 @@ class ExtrapolationWarning(UserWarning):
 
     Silence it with ``warnings.filterwarnings("ignore", category=ExtrapolationWarning)``.
     """
+
+
+def never_updates(spec: AveragerSpec, max_steps: int) -> str | None:
+    """Why averager ``spec`` never updates in a run of ``max_steps`` optimizer steps, or None when it does."""
+    if max_steps <= 0 or spec.first_update_step() <= max_steps:
+        return None
+    return (
+        f"it starts at step update_after={spec.update_after} and updates every update_every={spec.cadence} steps, "
+        f"but training stops at step {max_steps}"
+    )
 
 
 def updates_in_run(spec: AveragerSpec, max_steps: int) -> int:

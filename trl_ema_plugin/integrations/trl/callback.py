@@ -16,7 +16,7 @@ from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ...config import AveragerSpec, WeightAveragingConfig
-from ...config.advice import ExtrapolationWarning, long_run_advice
+from ...config.advice import ExtrapolationWarning, long_run_advice, never_updates
 from ...distributed import is_writer
 from ...model_files import write_averaged_weights
 from ...model_helpers import unwrap_model
@@ -26,7 +26,7 @@ from ...shadow.runner import UpdateRunner
 from ...shadow.store import step_together
 from ..parallel import trainable_shadow
 from .evaluation import averaged_prefix, eval_prefix, evaluate_with_trainer, mean_eval_loss
-from .lifecycle import PluginCallback, never_updates
+from .lifecycle import PluginCallback
 from .trainer_kinds import evaluates_without_labels, trainer_kind
 
 #: log key prefix of the skipped-update counts: ``averaging/<name>/skipped_updates``

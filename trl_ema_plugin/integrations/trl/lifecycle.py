@@ -47,7 +47,6 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ...config import AveragerSpec
 from ...distributed import is_writer
 from ...model_files import ADAPTER_WEIGHTS
 from ...persistence import STATE_JSON, StateFileError, read_state
@@ -385,13 +384,3 @@ class PluginCallback(TrainerCallback):
         if entry is not None and entry is not logs and entry.get("step") == state.global_step:
             entry.update(added)
         self._own_metrics.clear()
-
-
-def never_updates(spec: AveragerSpec, max_steps: int) -> str | None:
-    """Why averager ``spec`` never updates in a run of ``max_steps`` optimizer steps, or None when it does."""
-    if max_steps <= 0 or spec.first_update_step() <= max_steps:
-        return None
-    return (
-        f"it starts at step update_after={spec.update_after} and updates every update_every={spec.cadence} steps, "
-        f"but training stops at step {max_steps}"
-    )

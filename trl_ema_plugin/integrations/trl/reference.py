@@ -30,13 +30,14 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from ...config.advice import never_updates
 from ...config.reference import ReferenceConfig
 from ...model_helpers import is_peft_model, unwrap_model
 from ...persistence import write_state_folder
 from ...shadow import AveragedWeights, ShadowLayout, adapter_twin_names, parameters_by_name, trainable_parameters
 from ...shadow.runner import UpdateRunner, build_runner, choose_schedule
 from ..parallel import build_layout, engine_restores_model, pack_adapter_weights, sharded_by
-from .lifecycle import PluginCallback, never_updates
+from .lifecycle import PluginCallback
 from .trainer_kinds import before_each_generation, generates_completions, trainer_kind
 from .twin_adapter import add_twin_adapter
 
