@@ -1,0 +1,148 @@
+"""Issue 11, study (b) again: does self-distillation from an averaged teacher help a low-data LoRA run?
+
+Study (b) ran one seed at its defaults (λ = 0.5, τ = 1) and could not tell the students apart. This study sweeps
+λ, τ and the teacher's averager on one tuning seed, then replicates the best setting against plain LoRA on five
+fresh seeds, each with its own sample of train and eval functions. Fixed before any of its results was seen:
+
+* **Training** (study (b)'s, with half the data for twice the epochs, so that a regulariser has something to do):
+  SmolLM2-135M-Instruct, LoRA r=8, α=16 on q/k/v/o, lr 2e-4 with TRL's linear decay, batch 4, rows of at most
+  128 tokens; :data:`N_TRAIN` train functions for :data:`STEPS` steps (6 epochs), picked by the seed.
+* **Eval**: the trainer's ``eval_loss`` (student) and ``eval_<teacher>_loss`` (the teacher itself) on
+  :data:`N_EVAL` held-out functions picked by the seed, every :data:`EVAL_EVERY` steps.
+* **Screen** (seed 100): plain LoRA and the six settings of :func:`screen_settings`, one factor at a time around
+  a centre (BEMA κ = 0.3 with α faded to 0 at the last step, the README's recommendation; λ = 0.5, τ = 1).
+* **Choice**: the setting with the lowest mean student eval loss over the evaluations after step 0.
+* **Replication** (seeds 10-14): plain LoRA and the chosen setting. A difference is read as one when every seed
+  has the same sign and the mean exceeds twice its standard error.
+
+::
+
+    nice -n 19 python -m experiments.sd_study run --stage screen      # resumable; locks runs like studies.py
+    python -m experiments.sd_study report                             # markdown tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .cli import prepare_process
+from .runner import PRESETS, Scale, SFTRun, load_tokenizer, run_sft, sft_data
+from .studies import PlannedRun, load_results, run_planned
+
+STUDY = "sd"
+N_TRAIN, STEPS, N_EVAL, EVAL_EVERY = 32, 48, 48, 16
+SCREEN_SEED = 100
+REPLICATION_SEEDS = (10, 11, 12, 13, 14)
+DEFAULT_OUT = Path("/work/data/sd-study")
+FADED_BEMA = {"name": "bema", "method": "bema", "update_every": 1, "ema_power": 0.3, "bias_horizon": "max_steps"}
+EMA = {"name": "ema", "method": "ema"}
+#: the choice made after the screen (None until then); the replication runs plain LoRA against it
+CHOSEN: str | None = None
+
+
+def scale() -> Scale:
+    return replace(PRESETS["full"], name="sd", seeds=(SCREEN_SEED, *REPLICATION_SEEDS), n_eval=N_EVAL,
+                   lowdata_train=N_TRAIN, lowdata_steps=STEPS, lowdata_eval_every=EVAL_EVERY)  # fmt: skip
+
+
+def screen_settings() -> dict[str, dict[str, Any]]:
+    """Label → ``{"averagers": [teacher], "distillation": {...}}``: the centre, then one factor changed at a time."""
+
+    def sd(teacher: dict[str, Any], lambda_: float = 0.5, temperature: float = 1.0) -> dict[str, Any]:
+        distill = {"teacher": teacher["name"], "lambda_": lambda_, "temperature": temperature}
+        return {"averagers": [teacher], "distillation": distill}
+
+    return {
+        "bema_fade": sd(FADED_BEMA),
+        "bema_fade_lambda0.2": sd(FADED_BEMA, lambda_=0.2),
+        "bema_fade_lambda0.9": sd(FADED_BEMA, lambda_=0.9),
+        "bema_fade_tau2": sd(FADED_BEMA, temperature=2.0),
+        "ema0.9": sd({**EMA, "decay": 0.9}),
+        "ema0.98": sd({**EMA, "decay": 0.98}),
+    }
+
+
+def plan(stage: str) -> list[PlannedRun]:
+    if stage == "screen":
+        labelled = {"plain": {}, **screen_settings()}
+        return [PlannedRun(STUDY, label, SCREEN_SEED, STEPS, s) for label, s in labelled.items()]
+    if stage == "replication":
+        if CHOSEN is None:
+            raise ValueError("the replication needs CHOSEN, set from the screen's result")
+        labelled = {"plain": {}, CHOSEN: screen_settings()[CHOSEN]}
+        return [PlannedRun(STUDY, label, seed, STEPS, s) for seed in REPLICATION_SEEDS for label, s in labelled.items()]
+    raise ValueError(f"stage={stage!r}; allowed values: screen, replication")
+
+
+def run_stage(stage: str, out: Path) -> list[Path]:
+    study_scale = scale()
+    tokenizer = load_tokenizer(study_scale)
+
+    def execute(run: PlannedRun, bar: Any) -> dict[str, Any]:
+        train = sft_data(tokenizer, study_scale, "train", N_TRAIN, seed=run.seed)
+        held_out = sft_data(tokenizer, study_scale, "eval", N_EVAL, seed=run.seed)
+        spec = SFTRun(
+            study_scale, run.seed, run.steps, EVAL_EVERY, out / "work" / run.run_id,
+            averagers=run.settings.get("averagers", []), distillation=run.settings.get("distillation"),
+        )  # fmt: skip
+        return run_sft(spec, train, held_out, bar)
+
+    return run_planned(plan(stage), study_scale, out, execute)
+
+
+def student_mean(result: dict[str, Any]) -> float:
+    """The student's mean eval loss over the evaluations after step 0."""
+    return statistics.mean(v for s, v in result["curves"]["raw"] if s > 0)
+
+
+def report(out: Path) -> str:
+    results = [r for r in load_results(out) if r["study"] == STUDY]
+    lines = ["| run | seed | student eval loss at " + ", ".join(map(str, range(0, STEPS + 1, EVAL_EVERY)))]
+    lines[0] += " | mean after 0 | teacher's own loss at the end | CPU s / step |"
+    lines.append("|---|---|---|---|---|---|")
+    for r in sorted(results, key=lambda r: (r["seed"], r["label"] != "plain", r["label"])):
+        curve = ", ".join(f"{v:.4f}" for _, v in r["curves"]["raw"])
+        teacher = next((k for k in r["curves"] if k != "raw"), None)
+        own = f"{r['curves'][teacher][-1][1]:.4f}" if teacher else "—"
+        row = f"| {r['label']} | {r['seed']} | {curve} | {student_mean(r):.4f} | {own} | {r['median_cpu_step_seconds']:.2f} |"
+        lines.append(row)
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        by_seed.setdefault(r["seed"], {})[r["label"]] = r
+    for label in sorted({r["label"] for r in results if r["seed"] in REPLICATION_SEEDS and r["label"] != "plain"}):
+        pairs = [(s, runs[label], runs["plain"]) for s, runs in by_seed.items() if label in runs and "plain" in runs]
+        pairs = [p for p in pairs if p[0] in REPLICATION_SEEDS]
+        for what, value in (("end", lambda r: r["curves"]["raw"][-1][1]), ("mean after 0", student_mean)):
+            deltas = [value(a) - value(b) for _, a, b in pairs]
+            if len(deltas) > 1:
+                se = statistics.stdev(deltas) / math.sqrt(len(deltas))
+                lines.append(
+                    f"\n{label} − plain, {what}: mean {statistics.mean(deltas):+.4f} ± {se:.4f} (s.e.), "
+                    f"[{min(deltas):+.4f}, {max(deltas):+.4f}], {sum(d < 0 for d in deltas)}/{len(deltas)} seeds below"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Issue 11: self-distillation from an averaged teacher, swept.")
+    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("--stage", choices=("screen", "replication"), default="screen")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    prepare_process(args.threads)
+    if args.command == "run":
+        run_stage(args.stage, args.out)
+    else:
+        print(report(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
