@@ -43,33 +43,39 @@ DEFAULT_OUT = Path("/work/data/dpo-study")
 METRICS = ("accuracy_vs_initial", "margin_vs_initial", "accuracy_vs_ref", "margin_vs_ref")
 
 
-def scale() -> Scale:
-    return replace(PRESETS["full"], name="dpo2", seeds=SEEDS, dpo_steps=STEPS, dpo_train=N_TRAIN, dpo_eval=N_EVAL,
+def study_scale(base: str = "full") -> Scale:
+    """The study's sizes on ``base`` (``tiny``: what CI runs)."""
+    if base == "tiny":
+        return replace(PRESETS["tiny"], name="dpo2-tiny", seeds=(1, 2), dpo_steps=2, dpo_train=8, dpo_eval=4,
+                       dpo_eval_every=1, dpo_beta=BETA)  # fmt: skip
+    return replace(PRESETS[base], name="dpo2", seeds=SEEDS, dpo_steps=STEPS, dpo_train=N_TRAIN, dpo_eval=N_EVAL,
                    dpo_eval_every=EVAL_EVERY, dpo_learning_rate=LR, dpo_beta=BETA)  # fmt: skip
 
 
-def plan() -> list[PlannedRun]:
+def plan(scale: Scale) -> list[PlannedRun]:
     """Reference by reference (fixed, BEMA, EMA), each on every seed: a session that runs out of CPU time leaves the
     last reference short of seeds, not every reference."""
     order = ("fixed_ref", "bema_ref", "ema_ref")
     return [
-        PlannedRun(STUDY, label, seed, STEPS, {"reference": REFERENCES[label]}) for label in order for seed in SEEDS
+        PlannedRun(STUDY, label, seed, scale.dpo_steps, {"reference": REFERENCES[label]})
+        for label in order
+        for seed in scale.seeds
     ]
 
 
-def run_study(out: Path) -> list[Path]:
-    study_scale = scale()
-    tokenizer = load_tokenizer(study_scale)
+def run_study(out: Path, scale: Scale, show_progress: bool = True) -> list[Path]:
+    """Train every planned run that ``out`` does not hold yet (resumable, locked as in :mod:`.studies`)."""
+    tokenizer = load_tokenizer(scale)
 
     def execute(run: PlannedRun, bar: Any) -> dict[str, Any]:
-        train = dpo_data(tokenizer, study_scale, "train", N_TRAIN, seed=run.seed)
-        held_out = dpo_data(tokenizer, study_scale, "eval", N_EVAL, seed=run.seed)
+        train = dpo_data(tokenizer, scale, "train", scale.dpo_train, seed=run.seed)
+        held_out = dpo_data(tokenizer, scale, "eval", scale.dpo_eval, seed=run.seed)
         spec = DPORun(
-            study_scale, run.seed, run.steps, EVAL_EVERY, out / "work" / run.run_id, run.settings["reference"]
+            scale, run.seed, run.steps, scale.dpo_eval_every, out / "work" / run.run_id, run.settings["reference"]
         )
         return run_dpo(spec, train, held_out, bar)
 
-    return run_planned(plan(), study_scale, out, execute)
+    return run_planned(plan(scale), scale, out, execute, show_progress)
 
 
 def final(result: dict[str, Any], metric: str) -> float:
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prepare_process(args.threads)
     if args.command == "run":
-        run_study(args.out)
+        run_study(args.out, study_scale())
     else:
         print(report(args.out))
     return 0

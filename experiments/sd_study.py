@@ -46,8 +46,12 @@ EMA = {"name": "ema", "method": "ema"}
 CHOSEN: str | None = None
 
 
-def scale() -> Scale:
-    return replace(PRESETS["full"], name="sd", seeds=(SCREEN_SEED, *REPLICATION_SEEDS), n_eval=N_EVAL,
+def study_scale(base: str = "full") -> Scale:
+    """The study's sizes on ``base``: ``seeds[0]`` screens, the others replicate; ``tiny`` is what CI runs."""
+    if base == "tiny":
+        return replace(PRESETS["tiny"], name="sd-tiny", seeds=(1, 2, 3), n_eval=4, lowdata_train=8, lowdata_steps=2,
+                       lowdata_eval_every=1)  # fmt: skip
+    return replace(PRESETS[base], name="sd", seeds=(SCREEN_SEED, *REPLICATION_SEEDS), n_eval=N_EVAL,
                    lowdata_train=N_TRAIN, lowdata_steps=STEPS, lowdata_eval_every=EVAL_EVERY)  # fmt: skip
 
 
@@ -68,32 +72,37 @@ def screen_settings() -> dict[str, dict[str, Any]]:
     }
 
 
-def plan(stage: str) -> list[PlannedRun]:
+def plan(stage: str, scale: Scale, chosen: str | None = CHOSEN) -> list[PlannedRun]:
+    steps, (screen_seed, *replication_seeds) = scale.lowdata_steps, scale.seeds
     if stage == "screen":
         labelled = {"plain": {}, **screen_settings()}
-        return [PlannedRun(STUDY, label, SCREEN_SEED, STEPS, s) for label, s in labelled.items()]
+        return [PlannedRun(STUDY, label, screen_seed, steps, s) for label, s in labelled.items()]
     if stage == "replication":
-        if CHOSEN is None:
-            raise ValueError("the replication needs CHOSEN, set from the screen's result")
-        labelled = {"plain": {}, CHOSEN: screen_settings()[CHOSEN]}
-        return [PlannedRun(STUDY, label, seed, STEPS, s) for seed in REPLICATION_SEEDS for label, s in labelled.items()]
+        if chosen not in screen_settings():
+            raise ValueError(
+                f"chosen={chosen!r}: the replication needs the screen's choice, one of {list(screen_settings())}"
+            )
+        labelled = {"plain": {}, chosen: screen_settings()[chosen]}
+        return [PlannedRun(STUDY, label, seed, steps, s) for seed in replication_seeds for label, s in labelled.items()]
     raise ValueError(f"stage={stage!r}; allowed values: screen, replication")
 
 
-def run_stage(stage: str, out: Path) -> list[Path]:
-    study_scale = scale()
-    tokenizer = load_tokenizer(study_scale)
+def run_stage(
+    stage: str, out: Path, scale: Scale, chosen: str | None = CHOSEN, show_progress: bool = True
+) -> list[Path]:
+    """Train every run of ``stage`` that ``out`` does not hold yet (resumable, locked as in :mod:`.studies`)."""
+    tokenizer = load_tokenizer(scale)
 
     def execute(run: PlannedRun, bar: Any) -> dict[str, Any]:
-        train = sft_data(tokenizer, study_scale, "train", N_TRAIN, seed=run.seed)
-        held_out = sft_data(tokenizer, study_scale, "eval", N_EVAL, seed=run.seed)
+        train = sft_data(tokenizer, scale, "train", scale.lowdata_train, seed=run.seed)
+        held_out = sft_data(tokenizer, scale, "eval", scale.n_eval, seed=run.seed)
         spec = SFTRun(
-            study_scale, run.seed, run.steps, EVAL_EVERY, out / "work" / run.run_id,
+            scale, run.seed, run.steps, scale.lowdata_eval_every, out / "work" / run.run_id,
             averagers=run.settings.get("averagers", []), distillation=run.settings.get("distillation"),
         )  # fmt: skip
         return run_sft(spec, train, held_out, bar)
 
-    return run_planned(plan(stage), study_scale, out, execute)
+    return run_planned(plan(stage, scale, chosen), scale, out, execute, show_progress)
 
 
 def student_mean(result: dict[str, Any]) -> float:
@@ -102,24 +111,28 @@ def student_mean(result: dict[str, Any]) -> float:
 
 
 def report(out: Path) -> str:
+    """Markdown: every run's student curve, and each setting against plain LoRA on the replication seeds."""
     results = [r for r in load_results(out) if r["study"] == STUDY]
-    lines = ["| run | seed | student eval loss at " + ", ".join(map(str, range(0, STEPS + 1, EVAL_EVERY)))]
-    lines[0] += " | mean after 0 | teacher's own loss at the end | CPU s / step |"
-    lines.append("|---|---|---|---|---|---|")
+    if not results:
+        return f"no finished runs in {out}"
+    steps = [s for s, _ in results[0]["curves"]["raw"]]
+    replication_seeds = set(results[0]["scale"]["seeds"][1:])
+    lines = [f"| run | seed | student eval loss at steps {', '.join(map(str, steps))} | mean after 0 | "
+             "teacher's own loss at the end | CPU s / step |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(results, key=lambda r: (r["seed"], r["label"] != "plain", r["label"])):
         curve = ", ".join(f"{v:.4f}" for _, v in r["curves"]["raw"])
         teacher = next((k for k in r["curves"] if k != "raw"), None)
         own = f"{r['curves'][teacher][-1][1]:.4f}" if teacher else "—"
-        row = f"| {r['label']} | {r['seed']} | {curve} | {student_mean(r):.4f} | {own} | {r['median_cpu_step_seconds']:.2f} |"
-        lines.append(row)
+        cpu = r["median_cpu_step_seconds"]
+        lines.append(f"| {r['label']} | {r['seed']} | {curve} | {student_mean(r):.4f} | {own} | {cpu:.2f} |")
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for r in results:
-        by_seed.setdefault(r["seed"], {})[r["label"]] = r
-    for label in sorted({r["label"] for r in results if r["seed"] in REPLICATION_SEEDS and r["label"] != "plain"}):
-        pairs = [(s, runs[label], runs["plain"]) for s, runs in by_seed.items() if label in runs and "plain" in runs]
-        pairs = [p for p in pairs if p[0] in REPLICATION_SEEDS]
+        if r["seed"] in replication_seeds:
+            by_seed.setdefault(r["seed"], {})[r["label"]] = r
+    for label in sorted({label for runs in by_seed.values() for label in runs} - {"plain"}):
+        pairs = [(runs[label], runs["plain"]) for runs in by_seed.values() if label in runs and "plain" in runs]
         for what, value in (("end", lambda r: r["curves"]["raw"][-1][1]), ("mean after 0", student_mean)):
-            deltas = [value(a) - value(b) for _, a, b in pairs]
+            deltas = [value(a) - value(b) for a, b in pairs]
             if len(deltas) > 1:
                 se = statistics.stdev(deltas) / math.sqrt(len(deltas))
                 lines.append(
@@ -135,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=("screen", "replication"), default="screen")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--chosen", default=CHOSEN, help="replication: the screen's choice")
     args = parser.parse_args(argv)
     prepare_process(args.threads)
     if args.command == "run":
-        run_stage(args.stage, args.out)
+        run_stage(args.stage, args.out, study_scale(), args.chosen)
     else:
         print(report(args.out))
     return 0
