@@ -21,7 +21,6 @@ and the large steps (every BEMA setting of the study) were measured worse alread
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .bema_sweep import DEFAULT_DATA
+from .cli import prepare_process
 from .offline import RAW, ResultCache, eval_model
 from .trajectory import RecordedRun, Trajectory, run_folder
 
@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
+    prepare_process(args.threads)
     if args.command == "run":
         run_probe(args.data)
     else:
