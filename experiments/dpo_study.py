@@ -97,6 +97,16 @@ def report(out: Path) -> str:
             cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f} (n={len(values)})")
         seconds = statistics.mean(r["median_cpu_step_seconds"] for r in runs.values())
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {seconds:.2f} |")
+    steps = [s for s, _ in results[0]["curves"]["margin_vs_initial"]]
+    lines += [
+        "",
+        f"| reference, mean over seeds | {' | '.join(f'step {s}' for s in steps)} |",
+        "|---" * (len(steps) + 1) + "|",
+    ]
+    for label, runs in by_label.items():
+        for metric in ("accuracy_vs_initial", "margin_vs_initial", "margin_vs_ref"):
+            means = [statistics.mean(r["curves"][metric][i][1] for r in runs.values()) for i in range(len(steps))]
+            lines.append(f"| {label}: {metric} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     fixed = by_label.get("fixed_ref", {})
     for label, runs in by_label.items():
         if label == "fixed_ref":
