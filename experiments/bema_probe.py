@@ -20,7 +20,6 @@ and the large steps (every BEMA setting of the study) were measured worse alread
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .bema_sweep import DEFAULT_DATA
-from .cli import prepare_process
+from .cli import run_or_report
 from .offline import RAW, ResultCache, eval_model
 from .trajectory import RecordedRun, Trajectory, run_folder
 
@@ -107,17 +106,10 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Issue 11: the eval loss around θ_t in the plane of BEMA's outputs.")
-    parser.add_argument("command", choices=("run", "report"))
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    prepare_process(args.threads)
-    if args.command == "run":
-        run_probe(args.data)
-    else:
-        print(report(args.data))
-    return 0
+    return run_or_report(
+        argv, "Issue 11: the eval loss around θ_t in the plane of BEMA's outputs.", ("--data", DEFAULT_DATA),
+        lambda args: run_probe(args.folder), report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

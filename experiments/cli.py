@@ -62,3 +62,29 @@ def report(
         print(f"wrote {path}")
     print(f"{len(results)} finished run(s) in {args.out}")
     return 0
+
+
+def run_or_report(
+    argv: list[str] | None,
+    description: str,
+    folder: tuple[str, Path],
+    run: Callable[[argparse.Namespace], Any],
+    write_report: Callable[[Path], str],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The command line of a resumable study: ``run`` (trains or evaluates what is missing) or ``report`` (prints its
+    tables); ``folder`` is the results folder's flag and default (``args.folder``), ``--threads`` defaults to 1."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("command", choices=("run", "report"))
+    flag, default = folder
+    parser.add_argument(flag, dest="folder", type=Path, default=default, help="results (outside git)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    prepare_process(args.threads)
+    if args.command == "run":
+        run(args)
+    else:
+        print(write_report(args.folder))
+    return 0

@@ -23,7 +23,6 @@ part of the results). Fixed before any of its results was seen:
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -31,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .cli import prepare_process
+from .cli import run_or_report
 from .runner import PRESETS, DPORun, Scale, dpo_data, load_tokenizer, run_dpo
 from .studies import REFERENCES, PlannedRun, load_results, run_planned
 
@@ -127,17 +126,10 @@ def report(out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Issue 11: DPO with a fixed vs a moving reference, β = 1.")
-    parser.add_argument("command", choices=("run", "report"))
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    prepare_process(args.threads)
-    if args.command == "run":
-        run_study(args.out, study_scale())
-    else:
-        print(report(args.out))
-    return 0
+    return run_or_report(
+        argv, "Issue 11: DPO with a fixed vs a moving reference, β = 1.", ("--out", DEFAULT_OUT),
+        lambda args: run_study(args.folder, study_scale()), report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

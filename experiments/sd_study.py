@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .cli import prepare_process
+from .cli import run_or_report
 from .runner import PRESETS, Scale, SFTRun, load_tokenizer, run_sft, sft_data
 from .studies import PlannedRun, load_results, run_planned
 
@@ -144,19 +144,14 @@ def report(out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Issue 11: self-distillation from an averaged teacher, swept.")
-    parser.add_argument("command", choices=("run", "report"))
-    parser.add_argument("--stage", choices=("screen", "replication"), default="screen")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--chosen", default=CHOSEN, help="replication: the screen's choice")
-    args = parser.parse_args(argv)
-    prepare_process(args.threads)
-    if args.command == "run":
-        run_stage(args.stage, args.out, study_scale(), args.chosen)
-    else:
-        print(report(args.out))
-    return 0
+    def stage_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--stage", choices=("screen", "replication"), default="screen")
+        parser.add_argument("--chosen", default=CHOSEN, help="replication: the screen's choice")
+
+    return run_or_report(
+        argv, "Issue 11: self-distillation from an averaged teacher, swept.", ("--out", DEFAULT_OUT),
+        lambda args: run_stage(args.stage, args.folder, study_scale(), args.chosen), report, stage_arguments,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

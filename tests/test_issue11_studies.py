@@ -38,7 +38,7 @@ def test_probe_points_lie_in_the_plane_of_bemas_outputs_and_are_reported(tmp_pat
     assert all(f"{n}@{t}" in (tmp_path / "results" / f"{run.run_id}-eval4-probe.json").read_text() for n in names)
 
 
-def test_self_distillation_sweep_screens_one_seed_and_replicates_the_choice(tmp_path):
+def test_self_distillation_sweep_screens_one_seed_and_replicates_the_choice(tmp_path, capsys):
     scale = sd_study.study_scale("tiny")
     sd_study.run_stage("screen", tmp_path, scale, show_progress=False)
     screened = {r["label"]: r for r in load_results(tmp_path)}
@@ -58,6 +58,8 @@ def test_self_distillation_sweep_screens_one_seed_and_replicates_the_choice(tmp_
     table = sd_study.report(tmp_path)
     assert "ema0.98 − plain, end: mean" in table and "/2 seeds below" in table
     assert "bema_fade − plain" not in table  # screened on seed 1 only: no replication line
+    capsys.readouterr()  # the runs' trainer logs
+    assert sd_study.main(["report", "--out", str(tmp_path)]) == 0 and capsys.readouterr().out.strip() == table
 
 
 def test_dpo_study_trains_every_reference_on_every_seed_and_reports_against_the_fixed_one(tmp_path):
