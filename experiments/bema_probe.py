@@ -20,7 +20,6 @@ and the large steps (every BEMA setting of the study) were measured worse alread
 
 from __future__ import annotations
 
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from .bema_sweep import DEFAULT_DATA
 from .cli import run_or_report
+from .deltas import delta_cell
 from .offline import RAW, ResultCache, eval_model
 from .trajectory import RecordedRun, Trajectory, run_folder
 
@@ -97,10 +97,7 @@ def report(
                 if not deltas:
                     cells.append("not run")
                     continue
-                below = sum(d < 0 for d in deltas)
-                cells.append(
-                    f"{statistics.mean(deltas):+.4f} [{min(deltas):+.4f}, {max(deltas):+.4f}] {below}/{len(deltas)}"
-                )
+                cells.append(delta_cell(deltas, digits=4))
             lines.append(f"| T={steps}, step {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .deltas import delta_cell
 from .offline import RAW, replay
 from .trajectory import RecordedRun
 
@@ -246,8 +247,7 @@ def replication_markdown(results: StageResults, stage: Any, highlight: str) -> s
                 if not deltas:
                     cells.append("—")
                     continue
-                below = sum(d < 0 for d in deltas)
-                cells.append(f"{_f(_mean(deltas))} [{_f(min(deltas))}, {_f(max(deltas))}] {below}/{len(deltas)}")
+                cells.append(delta_cell(deltas))
             lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
         if highlight in names:
             lines += [

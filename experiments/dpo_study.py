@@ -23,7 +23,6 @@ part of the results). Fixed before any of its results was seen:
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 from dataclasses import replace
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import run_or_report
+from .deltas import paired_summary
 from .runner import PRESETS, DPORun, Scale, dpo_data, load_tokenizer, run_dpo
 from .studies import REFERENCES, PlannedRun, load_results, run_planned
 
@@ -113,11 +113,7 @@ def report(out: Path) -> str:
         for metric in ("accuracy_vs_initial", "margin_vs_initial"):
             deltas = [final(runs[s], metric) - final(fixed[s], metric) for s in runs if s in fixed]
             if len(deltas) > 1:
-                se = statistics.stdev(deltas) / math.sqrt(len(deltas))
-                lines.append(
-                    f"\n{label} − fixed_ref, {metric} at the end: {statistics.mean(deltas):+.4f} ± {se:.4f} (s.e.), "
-                    f"[{min(deltas):+.4f}, {max(deltas):+.4f}], {sum(d > 0 for d in deltas)}/{len(deltas)} seeds above"
-                )
+                lines.append(f"\n{label} − fixed_ref, {metric} at the end: {paired_summary(deltas, count='above')}")
     for label, runs in by_label.items():
         curves = {s: r["train_loss"] for s, r in runs.items()}
         lines.append(f"\n{label} train loss, last logged per seed: " + ", ".join(

@@ -24,7 +24,6 @@ fresh seeds, each with its own sample of train and eval functions. Fixed before 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from dataclasses import replace
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import run_or_report
+from .deltas import paired_summary
 from .runner import PRESETS, Scale, SFTRun, load_tokenizer, run_sft, sft_data
 from .studies import PlannedRun, load_results, run_planned
 
@@ -135,11 +135,7 @@ def report(out: Path) -> str:
         for what, value in (("end", lambda r: r["curves"]["raw"][-1][1]), ("mean after 0", student_mean)):
             deltas = [value(a) - value(b) for a, b in pairs]
             if len(deltas) > 1:
-                se = statistics.stdev(deltas) / math.sqrt(len(deltas))
-                lines.append(
-                    f"\n{label} − plain, {what}: mean {statistics.mean(deltas):+.4f} ± {se:.4f} (s.e.), "
-                    f"[{min(deltas):+.4f}, {max(deltas):+.4f}], {sum(d < 0 for d in deltas)}/{len(deltas)} seeds below"
-                )
+                lines.append(f"\n{label} − plain, {what}: mean {paired_summary(deltas)}")
     return "\n".join(lines)
 
 

@@ -77,3 +77,15 @@ def test_dpo_study_trains_every_reference_on_every_seed_and_reports_against_the_
         assert r["curves"]["margin_vs_ref"] == r["curves"]["margin_vs_initial"]
     table = dpo_study.report(tmp_path)
     assert "| fixed_ref |" in table and "bema_ref − fixed_ref, margin_vs_initial at the end:" in table
+
+
+def test_paired_differences_are_summarised_with_their_standard_error_and_sign_counts():
+    from experiments.deltas import delta_cell, paired_summary
+
+    deltas = [-0.002, -0.001, 0.0005]
+    # mean −0.000833, stdev 0.001258 → s.e. 0.000726
+    assert paired_summary(deltas) == "-0.0008 ± 0.0007 (s.e.), [-0.0020, +0.0005], 2/3 seeds below"
+    assert paired_summary(deltas, count="above").endswith("1/3 seeds above")
+    assert delta_cell(deltas, digits=4) == "-0.0008 [-0.0020, +0.0005] 2/3"
+    with pytest.raises(ValueError, match=r"count='better'; allowed values: below, above"):
+        paired_summary(deltas, count="better")
