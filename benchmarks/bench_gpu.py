@@ -6,10 +6,13 @@ Three sections, each in its own try/except (a failure is recorded in the JSON an
   memcpy of the same number of fp32 elements: a LoRA r=16 adapter on every linear layer of a Llama with
   Llama-3.2-1B layer shapes (224 tensors, 11.27 M elements; laid out in one flat buffer, as the TRL
   callback lays out a PEFT adapter, and as separate tensors), and the full-fine-tuning shadow of the whole
-  model (1.24 B elements, separate tensors), live weights in bf16 and in fp32. CUDA events around each call.
+  model (1.24 B elements, separate tensors), live weights in bf16 and in fp32; the EMA also without its
+  non-finite check of θ_t (one host sync per update). CUDA events around each call.
 * ``steps``: step time in a real TRL ``SFTTrainer`` (LoRA r=16 all-linear, the same Llama, bf16, batch
-  8 x 512, vocabulary 32000): no averaging / ema / bema / four averagers / ema offloaded / bema +
-  ``SelfDistillationCallback``, variants interleaved. Per step: CUDA events from ``on_step_begin`` to the
+  8 x 512, vocabulary 32000): no averaging / ema / bema / bema without its non-finite check (what the check's
+  host sync costs) / no averaging with the adapter laid out flat / four averagers / ema offloaded / bema +
+  ``SelfDistillationCallback`` (every step, every 4th step, with 4x larger chunks), variants interleaved after one
+  untimed warm-up run. Per step: CUDA events from ``on_step_begin`` to the
   end of ``on_step_end`` (after every callback), the host time spent in our callbacks, and the peak memory.
 * ``trl``: full fine-tuning of a ~159 M Llama: our ``bema`` against TRL's ``BEMACallback`` (default, and
   ``device="cuda"``).
@@ -50,6 +53,10 @@ from bench_update import LLAMA_1B, lora_shapes  # noqa: E402
 
 LLAMA_1B_VOCAB = 128256  # the real model's vocabulary: the full-fine-tuning shadow has its 1.24 B parameters
 RESULTS: dict[str, Any] = {}
+#: the ``bema`` variant without the non-finite check of θ_t (one host sync per update on the side stream)
+NO_CHECK = "bema (no NaN check)"
+#: no averaging, the adapter laid out in one flat buffer as the callback lays it out: what the layout alone does
+PACKED = "none (packed)"
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -169,6 +176,12 @@ def update_case(
         result[f"{method}_us"] = us
         result[f"{method}_vs_lerp"] = us / lerp
         result[f"{method}_bandwidth_vs_memcpy"] = moved / (us * 1e-6) / 1e9 / memcpy_gbps
+        if method == "ema":  # the same without the non-finite check: what its host sync adds to one update
+            with finite_check_off(True):
+                unchecked = time_us(update, opts.iters, opts.warmup, cuda)
+            result["ema_unchecked_us"] = unchecked
+            result["ema_unchecked_vs_lerp"] = unchecked / lerp
+            result["ema_unchecked_bandwidth_vs_memcpy"] = moved / (unchecked * 1e-6) / 1e9 / memcpy_gbps
         del weights
         free_memory(opts)
     del params, layout
@@ -186,12 +199,13 @@ def section_update(opts: argparse.Namespace) -> dict[str, Any]:
             cases.append(("lora", update_case([s for _, s in lora_shapes(scale)], dtype, layout_kind, opts)))
         cases.append(("full", update_case(full, dtype, "separate", opts)))
     log(f"{'setup':<5} {'live':<9} {'layout':<11} {'M elems':>8} {'memcpy µs':>10} {'lerp µs':>8} {'ema µs':>8} "
-        f"{'ema/lerp':>8} {'bema µs':>8} {'bema/lerp':>9} {'ema bw/memcpy':>13}")  # fmt: skip
+        f"{'ema/lerp':>8} {'bema µs':>8} {'bema/lerp':>9} {'ema bw/memcpy':>13} {'unchecked ema/lerp, bw':>23}")  # fmt: skip
     for setup, c in cases:
         log(
             f"{setup:<5} {c['live_dtype']:<9} {c['layout']:<11} {c['elements'] / 1e6:>8.2f} {c['memcpy_us']:>10.1f} "
             f"{c['lerp_us']:>8.1f} {c['ema_us']:>8.1f} {c['ema_vs_lerp']:>8.2f} {c['bema_us']:>8.1f} "
-            f"{c['bema_vs_lerp']:>9.2f} {c['ema_bandwidth_vs_memcpy']:>13.2f}"
+            f"{c['bema_vs_lerp']:>9.2f} {c['ema_bandwidth_vs_memcpy']:>13.2f} "
+            f"{c['ema_unchecked_vs_lerp']:>16.2f}, {c['ema_unchecked_bandwidth_vs_memcpy']:.2f}"
         )
     return {"scale": scale, "cases": [{"setup": s, **c} for s, c in cases]}
 
@@ -284,8 +298,11 @@ class StepClock:
 
 def variant_callbacks(variant: str) -> tuple[list[Any], bool]:
     from trl_ema_plugin import SelfDistillationCallback, WeightAveragingCallback
+    from trl_ema_plugin.distillation.chunked import CHUNK_ELEMENTS
 
     quiet = dict(eval=False, export_at_end=False)
+    wide = SelfDistillationCallback(lambda_=0.5)
+    wide.chunk_elements = 4 * CHUNK_ELEMENTS  # 128 MiB of fp32 logits per chunk instead of 32: fewer, larger kernels
     averagers = [
         {"name": "ema_99", "method": "ema", "decay": 0.99},
         {"name": "ema_999", "method": "ema", "decay": 0.999},
@@ -294,16 +311,48 @@ def variant_callbacks(variant: str) -> tuple[list[Any], bool]:
     ]
     built: dict[str, Callable[[], tuple[list[Any], bool]]] = {
         "none": lambda: ([], False),
+        PACKED: lambda: ([], False),
         "ema": lambda: ([WeightAveragingCallback(method="ema", **quiet)], False),
         "bema": lambda: ([WeightAveragingCallback(method="bema", update_every=1, **quiet)], False),
+        NO_CHECK: lambda: ([WeightAveragingCallback(method="bema", update_every=1, **quiet)], False),
         "4 averagers": lambda: ([WeightAveragingCallback(averagers=averagers, **quiet)], False),
         "ema offload": lambda: ([WeightAveragingCallback(method="ema", offload=True, **quiet)], False),
         "bema + distill": lambda: (
             [WeightAveragingCallback(method="bema", update_every=1, **quiet), SelfDistillationCallback(lambda_=0.5)],
             True,
         ),
+        "bema + distill every 4": lambda: (
+            [
+                WeightAveragingCallback(method="bema", update_every=1, **quiet),
+                SelfDistillationCallback(lambda_=0.5, distill_every=4),
+            ],
+            True,
+        ),
+        "bema + distill, chunks x4": lambda: (
+            [WeightAveragingCallback(method="bema", update_every=1, **quiet), wide],
+            True,
+        ),
     }
     return built[variant]()
+
+
+class finite_check_off:
+    """The non-finite check of θ_t replaced by ``True`` (for :data:`NO_CHECK` only): what its host sync costs."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self) -> None:
+        from trl_ema_plugin.shadow.finite import FiniteCheck
+
+        self.original = FiniteCheck.__call__
+        if self.active:
+            FiniteCheck.__call__ = lambda self, theta: True  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        from trl_ema_plugin.shadow.finite import FiniteCheck
+
+        FiniteCheck.__call__ = self.original  # type: ignore[method-assign]
 
 
 def peak_bytes(opts: argparse.Namespace, fn: Callable[[], Any]) -> int | None:
@@ -340,7 +389,14 @@ def train_variant(variant: str, opts: argparse.Namespace, shape: dict[str, int],
         )  # fmt: skip
         if needs_attach:
             attach(trainer)
-        peak = peak_bytes(opts, trainer.train)
+        if variant == PACKED:
+            from trl_ema_plugin.integrations.parallel import build_layout, pack_adapter_weights
+            from trl_ema_plugin.shadow.selection import trainable_parameters
+
+            layout = build_layout(trainable_parameters(trainer.model), trainer.args, model=trainer.model)
+            assert pack_adapter_weights(layout, trainer.model, trainer.args)
+        with finite_check_off(variant == NO_CHECK):
+            peak = peak_bytes(opts, trainer.train)
     steps = clock.step_seconds()[opts.skip :]
     callback_s = clock.callback_s[opts.skip :]
     runner = next((getattr(cb, "runner", None) for cb in callbacks if getattr(cb, "runner", None)), None)
@@ -355,7 +411,9 @@ def train_variant(variant: str, opts: argparse.Namespace, shape: dict[str, int],
 
 
 def interleave(variants: list[str], run: Callable[[str], dict[str, Any]], opts: argparse.Namespace) -> dict:
-    """Every variant in turn, ``opts.repeats`` rounds, so that drift hits them alike; the errors are kept."""
+    """Every variant in turn, ``opts.repeats`` rounds, so that drift hits them alike, after one untimed run of the
+    first (the first run of a process pays for warm-up that later runs do not); the errors are kept."""
+    run(variants[0])
     samples: dict[str, dict[str, Any]] = {v: {"times": [], "callback_s": [], "peak_bytes": []} for v in variants}
     errors: dict[str, str] = {}
     for _ in range(opts.repeats):
@@ -370,6 +428,7 @@ def interleave(variants: list[str], run: Callable[[str], dict[str, Any]], opts: 
                 continue
             for key in ("times", "callback_s"):
                 samples[variant][key] += result[key]
+            samples[variant].setdefault("round_medians_ms", []).append(statistics.median(result["times"]) * 1e3)
             samples[variant]["peak_bytes"].append(result["peak_bytes"])
             samples[variant]["schedule"] = result["schedule"]
     return {"samples": samples, "errors": errors}
@@ -394,8 +453,10 @@ def summarize(variants: list[str], data: dict[str, Any]) -> list[dict[str, Any]]
             "peak_gib": peak / 2**30 if peak is not None else None,
             "peak_delta_gib": (peak - base_peak) / 2**30 if peak is not None and base_peak is not None else None,
             "steps": len(times), "error": data["errors"].get(variant),
+            "p10_p90_ms": [q * 1e3 for q in statistics.quantiles(times, n=10)[::8]] if len(times) > 1 else None,
+            "round_medians_ms": samples[variant].get("round_medians_ms"),
         })  # fmt: skip
-    log(f"{'variant':<16} {'runs on':<8} {'step ms':>9} {'ratio':>7} {'callbacks ms':>13} {'share':>7} "
+    log(f"{'variant':<26} {'runs on':<8} {'step ms':>9} {'ratio':>7} {'callbacks ms':>13} {'share':>7} "
         f"{'peak GiB':>9} {'Δ GiB':>7} {'steps':>6}")  # fmt: skip
 
     def cell(value: Any, spec: str) -> str:
@@ -403,9 +464,11 @@ def summarize(variants: list[str], data: dict[str, Any]) -> list[dict[str, Any]]
 
     for r in rows:
         log(
-            f"{r['variant']:<16} {r['schedule'] or '-':<8} {cell(r['median_step_ms'], '.2f'):>9} "
+            f"{r['variant']:<26} {r['schedule'] or '-':<8} {cell(r['median_step_ms'], '.2f'):>9} "
             f"{cell(r['ratio'], '.3f'):>7} {cell(r['callback_ms'], '.3f'):>13} {cell(r['callback_share'], '.4f'):>7} "
             f"{cell(r['peak_gib'], '.2f'):>9} {cell(r['peak_delta_gib'], '+.2f'):>7} {r['steps']:>6}"
+            + (f"  p10-p90 {r['p10_p90_ms'][0]:.1f}-{r['p10_p90_ms'][1]:.1f}" if r["p10_p90_ms"] else "")
+            + (f", rounds {' / '.join(f'{m:.1f}' for m in r['round_medians_ms'])}" if r["round_medians_ms"] else "")
             + (f"  error: {r['error']}" if r["error"] else "")
         )
     return rows
@@ -414,7 +477,9 @@ def summarize(variants: list[str], data: dict[str, Any]) -> list[dict[str, Any]]
 def section_steps(opts: argparse.Namespace) -> dict[str, Any]:
     shape = dict(hidden=64, layers=2, inter=128, heads=4, kv=2, head_dim=16) if opts.cpu else dict(LLAMA_1B)
     dataset = token_dataset(opts.steps * opts.batch + opts.batch, opts.seq, opts.vocab)
-    variants = ["none", "ema", "bema", "4 averagers", "ema offload", "bema + distill"]
+    variants = ["none", PACKED, "ema", "bema", NO_CHECK, "4 averagers", "ema offload", "bema + distill"]
+    variants += ["bema + distill every 4", "bema + distill, chunks x4"]
+    variants = [v for v in variants if v == "none" or not opts.variants or v in opts.variants.split(",")]
     log(f"LoRA r=16 all-linear, Llama {shape}, vocabulary {opts.vocab}, batch {opts.batch} x {opts.seq}, "
         f"{opts.steps} steps per run (first {opts.skip} dropped), {opts.repeats} interleaved rounds")  # fmt: skip
     data = interleave(variants, lambda v: train_variant(v, opts, shape, dataset), opts)
@@ -486,7 +551,10 @@ def table_markdown(opts: argparse.Namespace) -> str:
         c = update.get(key)
         if not c:
             return "-"
-        return f"{c['ema_us']:.1f} µs = {c['ema_vs_lerp']:.2f}x lerp (BEMA {c['bema_us']:.1f} µs = {c['bema_vs_lerp']:.2f}x)"
+        return (
+            f"{c['ema_us']:.1f} µs = {c['ema_vs_lerp']:.2f}x lerp (BEMA {c['bema_us']:.1f} µs = {c['bema_vs_lerp']:.2f}x;"
+            f" EMA without the non-finite check {c['ema_unchecked_vs_lerp']:.2f}x)"
+        )
 
     lora = next((c for c in update.values() if c["setup"] == "lora"), None)
     full_bf16 = update.get(("full", "bfloat16", "separate"))
@@ -501,8 +569,14 @@ def table_markdown(opts: argparse.Namespace) -> str:
         f"| the same, separate tensors | {upd(('lora', 'bfloat16', 'separate'))} |",
         f"| the same with fp32 live weights (one flat adapter) | {upd(('lora', 'float32', 'contiguous'))} |",
         "| full fine-tuning shadow, bf16 live weights: update bandwidth / memcpy bandwidth | "
-        + (f"{full_bf16['ema_bandwidth_vs_memcpy']:.2f}x |" if full_bf16 else "- |"),
+        + (
+            f"{full_bf16['ema_bandwidth_vs_memcpy']:.2f}x (without the non-finite check "
+            f"{full_bf16['ema_unchecked_bandwidth_vs_memcpy']:.2f}x) |"
+            if full_bf16
+            else "- |"
+        ),
         f"| step time vs no averaging: one averager (bema) | {ratio(steps.get('bema'))} |",
+        f"| the same without the non-finite check (its host sync) | {ratio(steps.get(NO_CHECK))} |",
         f"| four averagers | {ratio(steps.get('4 averagers'))} |",
         f"| `offload=True` (ema) | {ratio(steps.get('ema offload'))} |",
         "| bema + `SelfDistillationCallback` | "
@@ -511,6 +585,9 @@ def table_markdown(opts: argparse.Namespace) -> str:
             if distill and distill.get("peak_delta_gib") is not None
             else f"{ratio(distill)} |"
         ),
+        f"| bema + `SelfDistillationCallback(distill_every=4)` | {ratio(steps.get('bema + distill every 4'))} |",
+        f"| bema + `SelfDistillationCallback`, 4x larger chunks | {ratio(steps.get('bema + distill, chunks x4'))} |",
+        f"| no averaging, the adapter laid out flat as the callback lays it out | {ratio(steps.get(PACKED))} |",
         "| full fine-tuning: ours / TRL `BEMACallback(device=...)` / TRL default | "
         + " / ".join(
             ratio(trl.get(k))
@@ -535,6 +612,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, help="default 8; --cpu 4")
     parser.add_argument("--seq", type=int, help="default 512; --cpu 64")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the training variants")
+    parser.add_argument("--variants", default="", help="comma-separated training variants to run (default: all)")
     opts = parser.parse_args()
     defaults = dict(iters=(30, 50), vocab=(512, 32000), steps=(8, 30), skip=(2, 5), batch=(4, 8), seq=(64, 512))
     for key, (small, full) in defaults.items():

@@ -197,4 +197,6 @@ def test_liger_path_equals_the_torch_path_on_cuda(divergence, beta):
     expected.backward()
     assert count == int(mask.sum())
     torch.testing.assert_close(got, expected.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(liger_grad, student.grad, rtol=1e-4, atol=1e-6)
+    # Liger sums over the vocabulary in its own order (a chunked GEMM, then its JSD kernel): on an H200 a few
+    # gradient elements near zero differ from the torch path by up to 3e-6, hence the gradient's atol of 1e-5
+    torch.testing.assert_close(liger_grad, student.grad, rtol=1e-4, atol=1e-5)
