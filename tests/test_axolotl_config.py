@@ -108,6 +108,32 @@ def test_flat_keys_spell_out_what_the_user_wrote():
     assert spec.model_fields_set == {"method", "update_every", "lag"}
 
 
+def test_bema_presets_fill_the_settings_they_name():
+    """``preset="lora"`` is issue 11's recommendation, ``preset="trl"`` TRL's defaults; keys set beside a preset win,
+    and Python and YAML build the same spec."""
+    lora = AveragerSpec(method="bema", preset="lora")
+    assert (lora.cadence, lora.ema_power, lora.bias_power, lora.bias_horizon) == (1, 0.3, 0.2, "max_steps")
+    assert AveragerSpec(method="bema", preset="lora", ema_power=0.5, update_freq=4).model_dump() == {
+        **lora.model_dump(),
+        "ema_power": 0.5,
+        "update_every": 4,
+    }
+    trl = AveragerSpec(method="bema", preset="trl")
+    default = AveragerSpec(method="bema")
+    assert (
+        (trl.hyperparameters(), trl.cadence)
+        == (default.hyperparameters(), default.cadence)
+        == (
+            default.hyperparameters(),
+            400,
+        )
+    )
+    flat = {"weight_averaging": "bema", "weight_averaging_preset": "lora", "weight_averaging_lag": 2}
+    assert weight_averaging_config_from_flat(flat).primary == AveragerSpec(method="bema", preset="lora", lag=2)
+    reference = reference_config_from_flat({"rl_reference": "bema", "rl_reference_preset": "lora"})
+    assert (reference.averager.cadence, reference.averager.bias_horizon) == (1, "max_steps")
+
+
 def test_feature_off_when_switch_unset_or_false():
     assert weight_averaging_config_from_flat({"learning_rate": 0.1}) is None
     assert weight_averaging_config_from_flat({"weight_averaging": None}) is None
@@ -451,8 +477,8 @@ def test_every_reference_key_has_its_earlier_spelling():
     assert DPO_REFERENCE is RL_REFERENCE and DPOReferenceConfig is ReferenceConfig
     canonical = [k for k in RL_REFERENCE.keys if k.startswith("rl_reference_")]
     earlier = [k for k in RL_REFERENCE.keys if k.startswith("dpo_reference_")]
-    # all but the switch's method (18 since power_ema brought sigma_rel)
-    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 19
+    # all but the switch's method (19 since power_ema brought sigma_rel, 20 since the BEMA preset)
+    assert len(canonical) == len(earlier) == len(keywords(ReferenceConfig)) - 1 == 20
     for key in earlier:
         same = "rl_reference" + key.removeprefix("dpo_reference")
         assert RL_REFERENCE.keys[key].alias_of == (RL_REFERENCE.keys[same].alias_of or same)

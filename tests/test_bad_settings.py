@@ -160,6 +160,9 @@ PYTHON: dict[str, PythonBad] = {
     "wa: bias_horizon 0": wa("bias_horizon", 0, "number > 0.0 | max_steps", method="bema", bias_horizon=0),
     "wa: bias_horizon 'max'": wa("bias_horizon", "max", "number > 0.0 | max_steps", method="bema", bias_horizon="max"),
     "wa: bias_horizon with dema": wa("bias_horizon", 60.0, "ema_power", method="dema", bias_horizon=60),
+    "wa: preset unknown": wa("preset", "fast", "trl | lora", method="bema", preset="fast"),
+    "wa: preset on ema": wa("preset", "lora", "decay", "does not apply to method='ema'", method="ema", preset="lora"),
+    "wa: preset on dema": wa("preset", "trl", "ema_power", "does not apply to method='dema'", method="dema", preset="trl"),
     # ------------------------------------------------------------------ name and options
     "wa: name with a space": wa("name", "my ema", "[A-Za-z0-9_.-]", method="ema", name="my ema"),
     "wa: empty name": wa("name", "", "[A-Za-z0-9_.-]", method="ema", name=""),
@@ -365,6 +368,8 @@ YAML: dict[str, YamlBad] = {
     "decay .inf": y(WA + "weight_averaging_decay: .inf", "weight_averaging_decay", INF, "number > 0.0 and < 1.0", "finite"),
     "decay .nan": y(WA + "weight_averaging_decay: .nan", "weight_averaging_decay", NAN, "number > 0.0 and < 1.0", "finite"),
     "bias_horizon max": y("weight_averaging: bema\nweight_averaging_bias_horizon: max", "weight_averaging_bias_horizon", "max", "max_steps"),
+    "preset unknown": y("weight_averaging: bema\nweight_averaging_preset: LoRA", "weight_averaging_preset", "LoRA", "trl | lora"),
+    "preset on ema": y(WA + "weight_averaging_preset: lora", "weight_averaging_preset", "lora", "weight_averaging_decay", "does not apply to weight_averaging='ema'"),
     "lag -.inf": y("weight_averaging: bema\nweight_averaging_lag: -.inf", "weight_averaging_lag", -INF, "number ≥ 0.0", "finite"),
     "update_every true": y(WA + "weight_averaging_update_every: true", "weight_averaging_update_every", True, "integer ≥ 1", "got a bool"),
     "update_every 2.5": y(WA + "weight_averaging_update_every: 2.5", "weight_averaging_update_every", 2.5, "integer ≥ 1"),

@@ -86,6 +86,20 @@ def test_bias_horizon_max_steps_fades_alpha_to_zero_at_the_runs_last_step(tmp_pa
     assert any(not torch.allclose(trl[n], ema_alone[n].float()) for n in trl), "TRL's α_T is not 0"
 
 
+def test_lora_preset_runs_as_the_settings_it_names(tmp_path):
+    """``preset="lora"`` in a real run: κ = 0.3, α_t faded at the trainer's max_steps, an update every step."""
+    recorder = WeightRecorder()
+    spelled = {"method": "bema", "ema_power": 0.3, "bias_horizon": "max_steps", "update_every": 1}
+    averagers = [{"name": "preset", "method": "bema", "preset": "lora"}, {"name": "spelled", **spelled}]
+    callback = WeightAveragingCallback(averagers=averagers, eval=False)
+    sft_trainer(str(tmp_path), [recorder, callback], max_steps=5).train()
+    assert callback.weights["preset"].spec.bias_horizon == 5.0
+    got, spelled_out = callback.averaged_tensors("preset"), callback.averaged_tensors("spelled")
+    assert all(torch.equal(got[n], spelled_out[n]) for n in got)
+    expected = oracles.averaged(recorder.weights, {**spelled, "bias_horizon": 5})
+    assert_close_to_hand(got, expected)
+
+
 def test_several_averagers_in_one_run(tmp_path):
     recorder = WeightRecorder()
     ema_fast = {"name": "ema_fast", "method": "ema", "decay": 0.5, "update_after": 1, "update_every": 2}

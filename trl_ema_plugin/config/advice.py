@@ -57,7 +57,8 @@ def long_run_advice(spec: AveragerSpec, max_steps: int) -> str | None:
         return (
             f"{shape}. In the LoRA runs of docs/evidence.md (issue 11), BEMA with update_every=1 and TRL's schedule "
             "ended 0.10-0.12 eval loss behind the raw adapter after 120 and 240 steps. bias_horizon='max_steps' fades "
-            "α_t to 0 by the last step (the README recommends it with ema_power=0.3)"
+            "α_t to 0 by the last step; preset='lora' sets it with ema_power=0.3 and update_every=1 (the README's "
+            "recommendation)"
         )
     return (
         f"{shape}. In the LoRA runs of docs/evidence.md (issue 11), OUEMA ended behind the raw adapter in every run "

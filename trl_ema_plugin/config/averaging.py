@@ -17,6 +17,7 @@ from ..averagers.power import SIGMA_REL_MAX
 from ..averagers.registry import averager_class, hyperparameter_names, registered_methods
 from .errors import NO_VALUE, SettingError, SettingsModel, did_you_mean, unknown_key
 from .fields import allowed_values, keywords
+from .presets import BEMA_PRESETS, PRESET_METHODS, preset_fields
 
 #: Defaults of every averager hyper-parameter. BEMA/DEMA/OUEMA take TRL's ``BEMACallback``
 #: defaults (``update_freq=400``), EMA and the power-function EMA update every step.
@@ -31,7 +32,8 @@ RUN_LENGTH = "max_steps"
 
 def applicable_fields(method: str) -> set[str]:
     """The ``AveragerSpec`` fields (and ``options`` names) that ``method`` uses."""
-    return set(hyperparameter_names(method)) | FIELDS_OF_EVERY_METHOD
+    preset = {"preset"} if method in PRESET_METHODS else set()
+    return set(hyperparameter_names(method)) | FIELDS_OF_EVERY_METHOD | preset
 
 
 def not_applicable(
@@ -54,7 +56,7 @@ def check_fields_apply(given: Mapping[str, Any], method: str) -> None:
     """Refuse ``AveragerSpec`` fields (``given``: field → value) that ``method`` does not use, naming the ones it does."""
     stray = {f: v for f, v in given.items() if f not in applicable_fields(method)}
     if stray:
-        takes = sorted(n for n in hyperparameter_names(method) if n in AveragerSpec.model_fields)
+        takes = sorted(n for n in applicable_fields(method) - FIELDS_OF_EVERY_METHOD if n in AveragerSpec.model_fields)
         options = sorted(n for n in hyperparameter_names(method) if n not in AveragerSpec.model_fields)
         allowed = ["{takes}"] if takes else []
         allowed += [f"{{options}} with {', '.join(options)}"] if options else []
@@ -115,6 +117,11 @@ class AveragerSpec(SettingsModel):
     bias_horizon: Annotated[float, Field(gt=0.0)] | Literal["max_steps"] | None = Field(
         None, description="H: α_t fades linearly to 0 at step H; max_steps: the run's last step (unset: TRL's α_t)"
     )
+    preset: Literal["trl", "lora"] | None = Field(
+        None,
+        description="named BEMA settings (config/presets.py): trl = TRL's BEMACallback defaults; lora = κ 0.3, "
+        "α_t faded to 0 at max_steps, an update every step (issue 11's LoRA study); keys set beside it win",
+    )
     # power-function EMA (EDM2)
     sigma_rel: float = Field(
         0.05, gt=0.0, le=SIGMA_REL_MAX, description="relative width σ_rel of the power-function EMA (EDM2: 0.05, 0.10)"
@@ -140,6 +147,14 @@ class AveragerSpec(SettingsModel):
                     names={"update_every": "update_every", "update_freq": "update_freq"},
                 )
             data = {k: v for k, v in data.items() if k != "update_every"}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: Any) -> Any:
+        """A known ``preset`` of a method it names settings for adds its fields (the ones set beside it win)."""
+        if isinstance(data, dict) and data.get("preset") in BEMA_PRESETS and data.get("method") in PRESET_METHODS:
+            data = {**data, **preset_fields(data["preset"], data)}
         return data
 
     @field_validator("method")
