@@ -11,8 +11,8 @@ Three sections, each in its own try/except (a failure is recorded in the JSON an
 * ``steps``: step time in a real TRL ``SFTTrainer`` (LoRA r=16 all-linear, the same Llama, bf16, batch
   8 x 512, vocabulary 32000): no averaging / ema / bema / bema without its non-finite check (what the check's
   host sync costs) / no averaging with the adapter laid out flat / four averagers / ema offloaded / bema +
-  ``SelfDistillationCallback`` (every step, every 4th step, with 4x larger chunks), variants interleaved after one
-  untimed warm-up run. Per step: CUDA events from ``on_step_begin`` to the
+  ``SelfDistillationCallback`` (every step, every 4th step, with 4x larger chunks, with Liger's fused JSD),
+  variants interleaved after one untimed warm-up run. Per step: CUDA events from ``on_step_begin`` to the
   end of ``on_step_end`` (after every callback), the host time spent in our callbacks, and the peak memory.
 * ``trl``: full fine-tuning of a ~159 M Llama: our ``bema`` against TRL's ``BEMACallback`` (default, and
   ``device="cuda"``).
@@ -332,6 +332,13 @@ def variant_callbacks(variant: str) -> tuple[list[Any], bool]:
             [WeightAveragingCallback(method="bema", update_every=1, **quiet), wide],
             True,
         ),
+        "bema + distill (liger)": lambda: (
+            [
+                WeightAveragingCallback(method="bema", update_every=1, **quiet),
+                SelfDistillationCallback(lambda_=0.5, kernel="liger"),
+            ],
+            True,
+        ),
     }
     return built[variant]()
 
@@ -478,7 +485,7 @@ def section_steps(opts: argparse.Namespace) -> dict[str, Any]:
     shape = dict(hidden=64, layers=2, inter=128, heads=4, kv=2, head_dim=16) if opts.cpu else dict(LLAMA_1B)
     dataset = token_dataset(opts.steps * opts.batch + opts.batch, opts.seq, opts.vocab)
     variants = ["none", PACKED, "ema", "bema", NO_CHECK, "4 averagers", "ema offload", "bema + distill"]
-    variants += ["bema + distill every 4", "bema + distill, chunks x4"]
+    variants += ["bema + distill every 4", "bema + distill, chunks x4", "bema + distill (liger)"]
     variants = [v for v in variants if v == "none" or not opts.variants or v in opts.variants.split(",")]
     log(f"LoRA r=16 all-linear, Llama {shape}, vocabulary {opts.vocab}, batch {opts.batch} x {opts.seq}, "
         f"{opts.steps} steps per run (first {opts.skip} dropped), {opts.repeats} interleaved rounds")  # fmt: skip
@@ -587,6 +594,7 @@ def table_markdown(opts: argparse.Namespace) -> str:
         ),
         f"| bema + `SelfDistillationCallback(distill_every=4)` | {ratio(steps.get('bema + distill every 4'))} |",
         f"| bema + `SelfDistillationCallback`, 4x larger chunks | {ratio(steps.get('bema + distill, chunks x4'))} |",
+        f"| bema + `SelfDistillationCallback(kernel='liger')` | {ratio(steps.get('bema + distill (liger)'))} |",
         f"| no averaging, the adapter laid out flat as the callback lays it out | {ratio(steps.get(PACKED))} |",
         "| full fine-tuning: ours / TRL `BEMACallback(device=...)` / TRL default | "
         + " / ".join(
