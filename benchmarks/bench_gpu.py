@@ -39,7 +39,8 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ def update_case(
         result[f"{method}_vs_lerp"] = us / lerp
         result[f"{method}_bandwidth_vs_memcpy"] = moved / (us * 1e-6) / 1e9 / memcpy_gbps
         if method == "ema":  # the same without the non-finite check: what its host sync adds to one update
-            with finite_check_off(True):
+            with finite_check_off():
                 unchecked = time_us(update, opts.iters, opts.warmup, cuda)
             result["ema_unchecked_us"] = unchecked
             result["ema_unchecked_vs_lerp"] = unchecked / lerp
@@ -301,8 +302,15 @@ def variant_callbacks(variant: str) -> tuple[list[Any], bool]:
     from trl_ema_plugin.distillation.chunked import CHUNK_ELEMENTS
 
     quiet = dict(eval=False, export_at_end=False)
-    wide = SelfDistillationCallback(lambda_=0.5)
-    wide.chunk_elements = 4 * CHUNK_ELEMENTS  # 128 MiB of fp32 logits per chunk instead of 32: fewer, larger kernels
+
+    def bema() -> Any:
+        return WeightAveragingCallback(method="bema", update_every=1, **quiet)
+
+    def distilled(chunk_elements: int = CHUNK_ELEMENTS, **options: Any) -> tuple[list[Any], bool]:
+        teacher = SelfDistillationCallback(lambda_=0.5, **options)
+        teacher.chunk_elements = chunk_elements
+        return [bema(), teacher], True
+
     averagers = [
         {"name": "ema_99", "method": "ema", "decay": 0.99},
         {"name": "ema_999", "method": "ema", "decay": 0.999},
@@ -313,53 +321,31 @@ def variant_callbacks(variant: str) -> tuple[list[Any], bool]:
         "none": lambda: ([], False),
         PACKED: lambda: ([], False),
         "ema": lambda: ([WeightAveragingCallback(method="ema", **quiet)], False),
-        "bema": lambda: ([WeightAveragingCallback(method="bema", update_every=1, **quiet)], False),
-        NO_CHECK: lambda: ([WeightAveragingCallback(method="bema", update_every=1, **quiet)], False),
+        "bema": lambda: ([bema()], False),
+        NO_CHECK: lambda: ([bema()], False),
         "4 averagers": lambda: ([WeightAveragingCallback(averagers=averagers, **quiet)], False),
         "ema offload": lambda: ([WeightAveragingCallback(method="ema", offload=True, **quiet)], False),
-        "bema + distill": lambda: (
-            [WeightAveragingCallback(method="bema", update_every=1, **quiet), SelfDistillationCallback(lambda_=0.5)],
-            True,
-        ),
-        "bema + distill every 4": lambda: (
-            [
-                WeightAveragingCallback(method="bema", update_every=1, **quiet),
-                SelfDistillationCallback(lambda_=0.5, distill_every=4),
-            ],
-            True,
-        ),
-        "bema + distill, chunks x4": lambda: (
-            [WeightAveragingCallback(method="bema", update_every=1, **quiet), wide],
-            True,
-        ),
-        "bema + distill (liger)": lambda: (
-            [
-                WeightAveragingCallback(method="bema", update_every=1, **quiet),
-                SelfDistillationCallback(lambda_=0.5, kernel="liger"),
-            ],
-            True,
-        ),
+        "bema + distill": distilled,
+        "bema + distill every 4": lambda: distilled(distill_every=4),
+        # 128 MiB of fp32 logits per chunk instead of 32: fewer, larger kernels
+        "bema + distill, chunks x4": lambda: distilled(chunk_elements=4 * CHUNK_ELEMENTS),
+        "bema + distill (liger)": lambda: distilled(kernel="liger"),
     }
     return built[variant]()
 
 
-class finite_check_off:
-    """The non-finite check of θ_t replaced by ``True`` (for :data:`NO_CHECK` only): what its host sync costs."""
+@contextmanager
+def finite_check_off(active: bool = True) -> Iterator[None]:
+    """The non-finite check of θ_t replaced by ``True`` while ``active``: what its host sync costs."""
+    from trl_ema_plugin.shadow.finite import FiniteCheck
 
-    def __init__(self, active: bool) -> None:
-        self.active = active
-
-    def __enter__(self) -> None:
-        from trl_ema_plugin.shadow.finite import FiniteCheck
-
-        self.original = FiniteCheck.__call__
-        if self.active:
-            FiniteCheck.__call__ = lambda self, theta: True  # type: ignore[method-assign]
-
-    def __exit__(self, *exc: object) -> None:
-        from trl_ema_plugin.shadow.finite import FiniteCheck
-
-        FiniteCheck.__call__ = self.original  # type: ignore[method-assign]
+    original = FiniteCheck.__call__
+    if active:
+        FiniteCheck.__call__ = lambda self, theta: True  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        FiniteCheck.__call__ = original  # type: ignore[method-assign]
 
 
 def peak_bytes(opts: argparse.Namespace, fn: Callable[[], Any]) -> int | None:
